@@ -1,0 +1,58 @@
+"""What every step does the same way: its MLflow run, tags, dataset inputs and device."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+import torch
+
+from analysis import keys
+from data_tools.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def code_version() -> str:
+    """The git commit of the project (plus '-dirty' for uncommitted changes), or 'unknown'."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def step_parser(step: str, doc: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m pipelines.{step}", description=doc)
+    parser.add_argument("--profile", default="demo", help="defaults for everything not given (demo | paper)")
+    return parser
+
+
+@contextlib.contextmanager
+def step_run(step: str, profile: str, run_name: str | None = None, tags: dict[str, str] | None = None,
+             nested: bool = False) -> Iterator[mlflow.ActiveRun]:
+    """Start (or, under `mlflow run`, resume via MLFLOW_RUN_ID) the run of a step, tagged by contract."""
+    all_tags = {keys.STEP: step, keys.PROFILE: profile, keys.CODE_VERSION: code_version(), **(tags or {})}
+    with mlflow.start_run(run_name=run_name, nested=nested, tags=all_tags) as run:
+        if run_name and not nested:
+            mlflow.set_tag("mlflow.runName", run_name)
+        yield run
+
+
+def log_store(store: Store, context: str) -> None:
+    """Record which data a run consumed: the digest tag and an MLflow dataset input."""
+    tag = keys.DATASET_DIGEST if context in ("training", "train") else f"{context}_digest"
+    mlflow.set_tag(tag, store.digest)
+    dataset = mlflow.data.from_pandas(store.index, source=str(store.path.resolve()), name=store.name, digest=store.digest[:32])
+    mlflow.log_input(dataset, context=context)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name in ("", "auto", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -1,0 +1,52 @@
+"""prepare_data: a raw source -> a dataset store, logged as an MLflow run."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import mlflow
+
+from analysis import keys
+from data_tools.ingest import ADAPTERS, ingest
+from pipelines.common import log_store, step_parser, step_run
+from pipelines.profiles import resolve
+
+
+def main(argv: list[str] | None = None):
+    p = step_parser(keys.PREPARE_DATA, __doc__)
+    p.add_argument("--source", default="", help=f"one of {sorted(ADAPTERS)}")
+    p.add_argument("--root", default="", help="where the raw source lies (file or folder)")
+    p.add_argument("--out", default="", help="store folder to write (default stores/<source>)")
+    p.add_argument("--folds", default="", help="CV folds (0: no CV pool, e.g. a test set)")
+    p.add_argument("--seed", default="")
+    p.add_argument("--on_error", default="", help="raise | skip (skipped items are listed in an artifact)")
+    p.add_argument("--size", default="", help="demo only: number of crops")
+    args = p.parse_args(argv)
+    cfg = resolve(keys.PREPARE_DATA, args.profile, vars(args))
+    source = cfg["source"]
+    out = Path(cfg.get("out") or f"stores/{source}")
+    options = {"size": int(cfg["size"])} if source == "demo" and cfg.get("size") else {}
+    store, skipped = ingest(source, cfg.get("root") or None, out, folds=int(cfg["folds"]), seed=int(cfg["seed"]),
+                            on_error=cfg["on_error"], **options)
+    with step_run(keys.PREPARE_DATA, args.profile, run_name=f"prepare {store.name}"):
+        mlflow.log_params({"source": source, "root": cfg.get("root", ""), "out": str(out), "folds": cfg["folds"],
+                           "seed": cfg["seed"], "on_error": cfg["on_error"]})
+        log_store(store, "training")
+        m = store.manifest
+        mlflow.log_metrics({"n_images": m["n"], "n_skipped": len(skipped),
+                            **{f"n_{k}": v for k, v in m["per_class"].items()}})
+        mlflow.log_dict(m, "manifest.json")
+        if len(skipped):
+            with tempfile.TemporaryDirectory() as tmp:
+                skipped.to_csv(Path(tmp) / "skipped.csv", index=False)
+                mlflow.log_artifact(str(Path(tmp) / "skipped.csv"))
+    print(f"store {store.path} ({m['n']} crops, {m['image_size'][0]}x{m['image_size'][1]}), digest {store.digest[:12]}")
+    print(json.dumps({k: m[k] for k in ("per_class", "per_domain", "per_fold", "n_groups")}, indent=1))
+    if len(skipped):
+        print(f"skipped {len(skipped)} items (listed in the run's skipped.csv)")
+    return store
+
+
+if __name__ == "__main__":
+    main()
