@@ -56,3 +56,34 @@ def pick_device(name: str = "auto") -> torch.device:
     if name in ("", "auto", None):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _same_value(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False
+
+
+def log_params(params: dict) -> None:
+    """Log the resolved parameters of the active run, once.
+
+    Under `mlflow run` the parameters given with -P are already logged as typed by the
+    user ("1e-3"); the resolved value ("0.001") is the same and is not logged again. A
+    truly different value (resuming a run with other parameters) is a clear error.
+    """
+    run = mlflow.active_run()
+    existing = mlflow.get_run(run.info.run_id).data.params
+    fresh = {}
+    for key, value in params.items():
+        value = "" if value is None else str(value)
+        if key in existing:
+            if not _same_value(existing[key], value):
+                raise ValueError(f"run {run.info.run_id} already has {key}={existing[key]!r}; this call asks for "
+                                 f"{value!r}. Start a new run instead of resuming this one.")
+        else:
+            fresh[key] = value
+    if fresh:
+        mlflow.log_params(fresh)

@@ -9,7 +9,7 @@ import mlflow
 
 from analysis import keys
 from data_tools.ingest import ADAPTERS, ingest
-from pipelines.common import log_store, step_parser, step_run
+from pipelines.common import log_params, log_store, step_parser, step_run
 from pipelines.profiles import resolve
 
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None):
     store, skipped = ingest(source, cfg.get("root") or None, out, folds=int(cfg["folds"]), seed=int(cfg["seed"]),
                             on_error=cfg["on_error"], **options)
     with step_run(keys.PREPARE_DATA, args.profile, run_name=f"prepare {store.name}"):
-        mlflow.log_params({"source": source, "root": cfg.get("root", ""), "out": str(out), "folds": cfg["folds"],
+        log_params({"source": source, "root": cfg.get("root", ""), "out": str(out), "folds": cfg["folds"],
                            "seed": cfg["seed"], "on_error": cfg["on_error"]})
         log_store(store, "training")
         m = store.manifest
