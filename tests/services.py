@@ -1,0 +1,89 @@
+"""Real services for the multi-machine tests: a PostgreSQL server and an MLflow tracking server
+on 127.0.0.1, started by the tests themselves and stopped afterwards."""
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pg_bin(name: str) -> str | None:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found[-1] if found else shutil.which(name)
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster; yields a SQLAlchemy URL. Skips where PostgreSQL is absent."""
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL server binaries not installed (CI installs them: apt-get install postgresql)")
+    as_user: list[str] = []
+    base = Path(tempfile.mkdtemp(prefix="pgtest-", dir="/tmp"))
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        as_user = ["runuser", "-u", "postgres", "--"]
+        base.chmod(0o755)
+        shutil.chown(base, "postgres")
+    data, port = base / "data", free_port()
+    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)
+    run(initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync")
+    run(pg_ctl, "-D", str(data), "-w", "-l", str(base / "log"), "-o",
+        f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    try:
+        run(_pg_bin("createdb") or "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "optuna")
+        run(_pg_bin("createdb") or "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow")
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def wait_http(url: str, timeout: float = 90, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, artifacts: Path, *, ui: bool = False) -> Iterator[str]:
+    """`mlflow server` (or `mlflow ui`) on a free 127.0.0.1 port; yields its http URL."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "ui" if ui else "server", "--backend-store-uri", backend_uri,
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    if not ui:
+        cmd += ["--artifacts-destination", str(artifacts)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/health", proc=proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
