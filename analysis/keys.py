@@ -67,6 +67,13 @@ CHECKPOINT_DIR = "checkpoint"  # artifact folder of a fold run: model.safetensor
 VAL_PREDICTIONS = "val_predictions.csv"  # columns sample_id, label, prob
 PREDICTIONS = "predictions.csv"
 
+# prepare_data run
+N_IMAGES = "n_images"  # metric; plus n_<class> per class (n_atypical, n_normal, n_unlabelled)
+N_SKIPPED = "n_skipped"
+SKIPPED_CSV = "skipped.csv"  # artifact: item, reason (on_error=skip)
+GRIDS_DIR = "grids"  # artifact folder (and <store>/grids): class_<label>.png, domain_<name>.png
+MANIFEST_JSON = "manifest.json"
+
 # evaluate run
 P_TRAIN_RUN_ID = "train_run_id"
 P_TEST_DIGEST = "test_digest"
@@ -88,10 +95,65 @@ def test_metric(name: str, domain: str | None = None) -> str:
 P_GENERATOR_RUN_ID = "generator_run_id"
 P_PRETRAIN_RUN_ID = "pretrain_run_id"
 P_FINETUNE_RUN_ID = "finetune_run_id"
+P_DATA = "data"  # the store a step read, as given
+P_DATA_PATH = "data_path"  # ... and its absolute path
+P_ARCH = "arch"  # generator size, models.generator.ARCHS
+P_VAE_EPOCHS = "vae_epochs"
+P_DIT_EPOCHS = "dit_epochs"
+P_LABEL_DROPOUT = "label_dropout"
+P_TRAIN_IDS_DIGEST = "train_ids_digest"  # finetune fold run: ids_digest of exactly the ids it trained on
+P_N_TRAIN = "n_train"
+P_SAMPLER = "sampler"
+P_STEPS = "steps"
+P_GUIDANCE = "guidance"
+P_N_ATYPICAL = "n_atypical"  # synthesize: per fold ("balance" = the training split's normal - atypical)
+P_N_NORMAL = "n_normal"
+P_OUT = "out"
+VAE_DIR = "vae"  # generator run artifacts: diffusers folders (config.json + safetensors)
+DIT_DIR = "dit"  # + scheduler_config.json (the DDPM) + generator.json
+TRAIN_IDS = "train_ids.txt"  # generator run artifact: the sample ids it trained on, one a line
+PREVIEWS_DIR = "previews"  # reconstructions / samples every few epochs
+# generator epoch metrics (written by models.generator_training as f"{stage}_{name}")
+VAE_LOSS = "vae_loss"
+VAE_REC = "vae_rec"
+VAE_KL = "vae_kl"
+DIT_LOSS = "dit_loss"
+LATENT_SHIFT = "latent_shift"
+LATENT_SCALE = "latent_scale"
+# synthesize quality, per fold and class: fold_metric(k, f"{KID}_{class}") etc., and their means over folds
+KID = "kid"
+KID_STD = "kid_std"
+FID = "fid"
+NEAR_COPY_SHARE = "near_copy_share"
+NN_DIST_RATIO = "nn_dist_ratio"
+IMAGES_PER_SECOND = "images_per_second"
+
+
+def quality_metric(name: str, cls: str | None = None, k: int | None = None) -> str:
+    """quality_metric("kid", "atypical", 2) -> "fold2_kid_atypical"; without k: the mean over folds."""
+    key = name if cls is None else f"{name}_{cls}"
+    return key if k is None else fold_metric(k, key)
 
 # registered submission model
 MODEL_NAME = "atypical-mitosis-classifier"
 SUBMISSION_ALIAS = "submission"
+SUBMISSION_ARTIFACT = "submission_model"  # the pyfunc model's artifact path in the report run
+
+# report run
+P_EXPERIMENT = "experiment"
+P_SELECT_BY = "select_by"
+SELECTED_TRAIN_RUN = "selected_train_run_id"  # tag
+SELECTED_ROW = "selected_row"  # tag, e.g. "ConvNeXt-Small (real)"
+SELECTED_VALUE = "selected_value"  # metric: the criterion's value of the chosen row
+REPORT_MD = "report.md"
+TABLE1, TABLE2, COMPARISON = "table1", "table2", "comparison"  # artifact stems: .md, .csv, .tex
+COMPARISON_JSON = "comparison.json"
+FIG_FOLD_AUROC, FIG_TEST_ROC, FIG_CALIBRATION = "fold_auroc.png", "test_roc.png", "calibration.png"
+
+# predict run (only under `mlflow run`)
+N_CROPS = "n_crops"
+N_ATYPICAL = "n_atypical"
+PREDICT_SECONDS = "seconds"
 
 
 def synth_store_param(k: int) -> str:

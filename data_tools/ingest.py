@@ -1,24 +1,19 @@
 """From a raw source to a dataset store: pick the adapter, assign folds, write atomically."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import inspect
+import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import numpy as np
 import pandas as pd
 
+from data_tools.adapters import crops, gc_stack, wsi
+from data_tools.adapters.base import AdapterError, Ingested
 from data_tools.folds import assign_folds
 from data_tools.store import Store, write_store
 
-
-@dataclass
-class Ingested:
-    """What an adapter hands back: images, their index rows, and what it skipped (and why)."""
-    images: np.ndarray
-    index: pd.DataFrame
-    skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["item", "reason"]))
-    provenance: dict[str, Any] = field(default_factory=dict)
+__all__ = ["ADAPTERS", "AdapterError", "Ingested", "adapter_options", "ingest"]
 
 
 def _demo(root: str | None, on_error: str, size: int = 3000, seed: int = 0, **_) -> Ingested:
@@ -28,20 +23,60 @@ def _demo(root: str | None, on_error: str, size: int = 3000, seed: int = 0, **_)
 
 
 # name -> adapter(root, on_error, **options) -> Ingested
-ADAPTERS: dict[str, Callable[..., Ingested]] = {"demo": _demo}
+ADAPTERS: dict[str, Callable[..., Ingested]] = {
+    "demo": _demo,
+    "midog25": crops.midog25,
+    "amibr": crops.amibr,
+    "folder": crops.folder,
+    "gc_stack": gc_stack.gc_stack,
+    "sliderunner": wsi.sliderunner,
+    "midogpp": wsi.midogpp,
+}
+_INTERNAL = {"seed", "scratch"}  # passed by ingest itself, not options a user sets
+
+
+def adapter_options(source: str) -> dict[str, object]:
+    """The options an adapter takes, with their defaults (for help texts and checks)."""
+    params = inspect.signature(ADAPTERS[source]).parameters.values()
+    return {p.name: (None if p.default is p.empty else p.default) for p in params
+            if p.kind == p.KEYWORD_ONLY and p.name not in _INTERNAL}
+
+
+def _check_options(source: str, options: dict) -> None:
+    params = inspect.signature(ADAPTERS[source]).parameters.values()
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return
+    unknown = sorted(set(options) - set(adapter_options(source)))
+    if unknown:
+        raise ValueError(f"source {source!r} has no option {unknown}; its options: {adapter_options(source)}")
 
 
 def ingest(source: str, root: str | None, out: str | Path, *, folds: int = 5, seed: int = 0,
            on_error: str = "raise", name: str | None = None, **options) -> tuple[Store, pd.DataFrame]:
-    """Build the store at `out` from `source`; returns it with the table of skipped items."""
+    """Build the store at `out` from `source`; returns it with the table of skipped items.
+
+    Adapters that stream large pools (slides) write their crops under a scratch folder
+    beside `out` (same disk), which is removed once the store is written.
+    """
     if source not in ADAPTERS:
         raise ValueError(f"unknown source {source!r}; choose one of {sorted(ADAPTERS)}")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    got = ADAPTERS[source](root, on_error, seed=seed, **options)
-    index, split = assign_folds(got.index, int(folds), int(seed))
-    provenance = {"source": source, "root": str(Path(root).resolve()) if root else None, **got.provenance,
-                  "n_skipped": int(len(got.skipped))}
-    store = write_store(out, got.images, index, name=name or Path(out).name, adapter=source,
-                        provenance=provenance, split=split)
-    return store, got.skipped
+    if source != "demo" and not root:
+        raise ValueError(f"source {source!r} needs a root (the folder or file to read)")
+    _check_options(source, options)
+    adapter = ADAPTERS[source]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.scratch-") as scratch:
+        if "scratch" in inspect.signature(adapter).parameters:
+            options["scratch"] = Path(scratch)
+        got = adapter(root, on_error, seed=seed, **options)
+        index, split = assign_folds(got.index, int(folds), int(seed))
+        provenance = {"source": source, "root": str(Path(root).resolve()) if root else None, **got.provenance,
+                      "n_skipped": int(len(got.skipped))}
+        store = write_store(out, got.images, index, name=name or out.name, adapter=source,
+                            provenance=provenance, split=split)
+        skipped = got.skipped
+        del got  # drop the scratch memmap before its folder goes
+    return store, skipped

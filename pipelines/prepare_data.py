@@ -1,4 +1,9 @@
-"""prepare_data: a raw source -> a dataset store, logged as an MLflow run."""
+"""prepare_data: a raw source -> a dataset store, logged as an MLflow run.
+
+Source-specific options are passed as extra `--name value` arguments (with `mlflow run`:
+`-P name=value`), e.g. `--slides /data/slides --mitosis_class "Mitotic figure"` for
+sliderunner; `data_tools.ingest.adapter_options(source)` lists them.
+"""
 from __future__ import annotations
 
 import json
@@ -8,6 +13,7 @@ from pathlib import Path
 import mlflow
 
 from analysis import keys
+from data_tools.grids import save_grids
 from data_tools.ingest import ADAPTERS, ingest
 from pipelines.common import log_params, log_store, step_parser, step_run
 from pipelines.profiles import resolve
@@ -22,30 +28,50 @@ def main(argv: list[str] | None = None):
     p.add_argument("--seed", default="")
     p.add_argument("--on_error", default="", help="raise | skip (skipped items are listed in an artifact)")
     p.add_argument("--size", default="", help="demo only: number of crops")
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
     cfg = resolve(keys.PREPARE_DATA, args.profile, vars(args))
     source = cfg["source"]
     out = Path(cfg.get("out") or f"stores/{source}")
     options = {"size": int(cfg["size"])} if source == "demo" and cfg.get("size") else {}
+    options.update(_extra_options(p, extra))
     store, skipped = ingest(source, cfg.get("root") or None, out, folds=int(cfg["folds"]), seed=int(cfg["seed"]),
                             on_error=cfg["on_error"], **options)
     with step_run(keys.PREPARE_DATA, args.profile, run_name=f"prepare {store.name}"):
         log_params({"source": source, "root": cfg.get("root", ""), "out": str(out), "folds": cfg["folds"],
-                           "seed": cfg["seed"], "on_error": cfg["on_error"]})
+                    "seed": cfg["seed"], "on_error": cfg["on_error"], **options})
         log_store(store, "training")
         m = store.manifest
-        mlflow.log_metrics({"n_images": m["n"], "n_skipped": len(skipped),
+        mlflow.log_metrics({keys.N_IMAGES: m["n"], keys.N_SKIPPED: len(skipped),
                             **{f"n_{k}": v for k, v in m["per_class"].items()}})
-        mlflow.log_dict(m, "manifest.json")
+        mlflow.log_dict(m, keys.MANIFEST_JSON)
+        if save_grids(store, store.path / keys.GRIDS_DIR, seed=int(cfg["seed"])):
+            mlflow.log_artifacts(str(store.path / keys.GRIDS_DIR), keys.GRIDS_DIR)
         if len(skipped):
             with tempfile.TemporaryDirectory() as tmp:
-                skipped.to_csv(Path(tmp) / "skipped.csv", index=False)
-                mlflow.log_artifact(str(Path(tmp) / "skipped.csv"))
+                skipped.to_csv(Path(tmp) / keys.SKIPPED_CSV, index=False)
+                mlflow.log_artifact(str(Path(tmp) / keys.SKIPPED_CSV))
     print(f"store {store.path} ({m['n']} crops, {m['image_size'][0]}x{m['image_size'][1]}), digest {store.digest[:12]}")
     print(json.dumps({k: m[k] for k in ("per_class", "per_domain", "per_fold", "n_groups")}, indent=1))
     if len(skipped):
-        print(f"skipped {len(skipped)} items (listed in the run's skipped.csv)")
+        print(f"skipped {len(skipped)} items (listed in the run's {keys.SKIPPED_CSV})")
     return store
+
+
+def _extra_options(parser, extra: list[str]) -> dict[str, str]:
+    """`--name value` / `--name=value` pairs left over by argparse -> adapter options."""
+    options, i = {}, 0
+    while i < len(extra):
+        token = extra[i]
+        if not token.startswith("--") or len(token) < 3:
+            parser.error(f"unexpected argument {token!r}; source options are given as --name value")
+        name, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(extra):
+                parser.error(f"option --{name} needs a value")
+            value, i = extra[i + 1], i + 1
+        options[name] = value
+        i += 1
+    return options
 
 
 if __name__ == "__main__":
