@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--source", default="", help="raw source for prepare_data (default: the profile's)")
     p.add_argument("--root", default="", help="where the raw source lies")
     p.add_argument("--test_data", default="", help="test store for evaluate (demo: a held-out demo store)")
+    p.add_argument("--pool", default="", help="store the generator is pretrained on (demo: a separate demo pool; "
+                   "paper: the unlabelled WSI pool from prepare_data source=sliderunner|midogpp)")
     p.add_argument("--stores", default="stores", help="folder for the stores the workflow writes")
     p.add_argument("--backbones", default=",".join(BACKBONES))
     args = p.parse_args(argv)
@@ -90,7 +92,16 @@ def main(argv: list[str] | None = None) -> str:
             test_data = str(stores / "demo_test")
             flow.step(keys.PREPARE_DATA, source="demo", out=test_data, folds="0",
                       seed=str(int(cfg["seed"]) + 1), size=str(max(int(cfg.get("size", 1500)) // 3, 200)))
-        pretrain = flow.step(keys.GENERATOR_PRETRAIN, data=data)
+        pool = args.pool
+        if not pool and cfg["source"] == "demo":  # pretraining never sees the CV pool: a pool of its own
+            pool = str(stores / "demo_pool")
+            flow.step(keys.PREPARE_DATA, source="demo", out=pool, folds="0", seed=str(int(cfg["seed"]) + 2),
+                      size=str(cfg.get("size", 1500)))
+        pool = pool or resolve(keys.GENERATOR_PRETRAIN, args.profile, {}).get("data", "")
+        if not Path(pool).joinpath("manifest.json").is_file():
+            raise SystemExit(f"no generator pretraining pool at {pool!r}: build one first, e.g. "
+                             f"mlflow run . -e prepare_data -P source=sliderunner -P root=<db.sqlite> -P out={pool}")
+        pretrain = flow.step(keys.GENERATOR_PRETRAIN, data=pool)
         finetune = flow.step(keys.GENERATOR_FINETUNE, data=data, pretrain_run_id=pretrain)
         synth = flow.step(keys.SYNTHESIZE, finetune_run_id=finetune)
         for backbone in args.backbones.split(","):

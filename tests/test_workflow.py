@@ -1,0 +1,91 @@
+"""The whole workflow (`main`) end to end on a small profile, then `mlflow ui` over REST."""
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from analysis import keys
+from services import mlflow_server
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = """
+base: demo
+prepare_data: {size: 300}
+generator_pretrain: {vae_epochs: 1, dit_epochs: 1}
+generator_finetune: {dit_epochs: 1}
+synthesize: {n_atypical: 24, steps: 4, quality_max: 24}
+train_cv: {epochs: 1}
+report: {n_boot: 50}
+"""
+
+
+@pytest.fixture(scope="module")
+def workflow(tmp_path_factory):
+    """One `main` run on a small profile file, through `mlflow run` like a user would."""
+    tmp = tmp_path_factory.mktemp("workflow")
+    (tmp / "small.yaml").write_text(SMALL)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_RUN_ID", None)
+
+    def run():
+        return subprocess.run([sys.executable, "-m", "pipelines.main", "--profile", str(tmp / "small.yaml"),
+                               "--stores", str(tmp / "stores")], cwd=tmp, env=env, capture_output=True, text=True,
+                              timeout=1200)
+    first = run()
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    return tmp, uri, first, run
+
+
+def test_main_runs_every_step_and_prints_the_tables(workflow):
+    tmp, uri, first, _ = workflow
+    out = first.stdout
+    assert "Table 1" in out and "Table 2" in out and "mlflow ui" in out
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("Default").experiment_id
+    [flow] = client.search_runs([exp], f"tags.step = '{keys.MAIN}'")
+    steps = client.search_runs([exp], f"tags.`{keys.WORKFLOW_RUN}` = '{flow.info.run_id}'")
+    counts = {}
+    for r in steps:
+        counts[r.data.tags[keys.STEP]] = counts.get(r.data.tags[keys.STEP], 0) + 1
+        assert r.data.tags["mlflow.parentRunId"] == flow.info.run_id
+    assert counts == {keys.PREPARE_DATA: 3, keys.GENERATOR_PRETRAIN: 1, keys.GENERATOR_FINETUNE: 1,
+                      keys.SYNTHESIZE: 1, keys.TRAIN_CV: 4, keys.EVALUATE: 4, keys.REPORT: 1}
+    version = client.get_model_version_by_alias(keys.MODEL_NAME, keys.SUBMISSION_ALIAS)
+    assert version.version
+
+
+def test_a_second_main_reuses_every_finished_step(workflow):
+    tmp, uri, _, run = workflow
+    client = MlflowClient(uri)
+    before = len(client.search_runs([client.get_experiment_by_name("Default").experiment_id], "", max_results=1000))
+    again = run()
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("[main] reuse") == 14 and "[main] run " not in again.stdout
+    after = client.search_runs([client.get_experiment_by_name("Default").experiment_id], "", max_results=1000)
+    assert len(after) == before + 1  # only the new workflow run itself
+
+
+def test_mlflow_ui_shows_every_backbone_and_regime(workflow):
+    tmp, uri, _, _ = workflow
+    with mlflow_server(uri, tmp / "unused", ui=True) as url:
+        body = json.dumps({"experiment_ids": ["0"], "filter": f"tags.step = '{keys.TRAIN_CV}'",
+                           "max_results": 100}).encode()
+        req = urllib.request.Request(url + "/api/2.0/mlflow/runs/search", data=body,
+                                     headers={"Content-Type": "application/json"})
+        runs = json.loads(urllib.request.urlopen(req, timeout=30).read())["runs"]
+    rows = {}
+    for r in runs:  # the step runs main started (their fold children are not tagged with the workflow)
+        tags = {t["key"]: t["value"] for t in r["data"]["tags"]}
+        metrics = {m["key"]: m["value"] for m in r["data"].get("metrics", [])}
+        if keys.WORKFLOW_RUN in tags:
+            rows[(tags[keys.BACKBONE], tags[keys.REGIME])] = metrics
+    assert set(rows) == {(b, g) for b in ("convnext", "lunit") for g in keys.REGIMES}
+    for metrics in rows.values():
+        assert 0.0 <= metrics[keys.CV_AUROC_MEAN] <= 1.0 and keys.CV_BA_STD in metrics
