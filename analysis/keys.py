@@ -40,6 +40,11 @@ P_SEED = "seed"
 P_SYNTH_RUN_ID = "synth_run_id"
 P_DATA_DIGEST = "data_digest"
 P_PRETRAINED = "pretrained"
+P_N_SYNTHETIC = "n_synthetic"  # synthetic atypical crops per fold, or "balance"
+P_TIMM_NAME = "timm_name"  # the architecture the backbone name resolved to in the profile
+P_INPUT_SIZE = "input_size"
+TRAIN_CV_KEY = "train_cv_key"  # tag: hash of params + data digest + code; fold jobs join the parent with it
+FOLDS_DONE = "folds_done"  # tag on the parent: "1,2,..." the folds with a finished fold run
 
 # train_cv parent metrics
 CV_AUROC_MEAN = "cv_auroc_mean"
@@ -61,6 +66,7 @@ VAL_BA = "val_ba"
 LR = "lr"
 BEST_VAL_AUROC = "best_val_auroc"
 BEST_EPOCH = "best_epoch"
+BEST_VAL_BA = "best_val_ba"  # BA (threshold 0.5) at the epoch of the best validation AUROC
 
 # artifacts
 CHECKPOINT_DIR = "checkpoint"  # artifact folder of a fold run: model.safetensors + config.json
@@ -81,6 +87,7 @@ P_THRESHOLD = "threshold"
 TEST_PREFIX = "test_"
 TEST_METRICS = ("auroc", "accuracy", "sensitivity", "specificity", "ba")
 TEST_SET = "test_set"  # tag: the name of the test store (its manifest name)
+N_OVERLAP = "n_overlap"  # evaluate metric: test images also found in the training store
 
 
 def test_metric(name: str, domain: str | None = None) -> str:
@@ -89,6 +96,14 @@ def test_metric(name: str, domain: str | None = None) -> str:
     if domain is not None:
         key += "__" + "".join(c if c.isalnum() or c in "-_." else "_" for c in domain)
     return key
+
+
+def test_ci_metric(name: str, bound: str, domain: str | None = None) -> str:
+    """Bootstrap 95% interval bound ("lo" | "hi"): test_ci_metric("auroc", "lo") -> "test_auroc_ci95_lo";
+    per domain "test_auroc_ci95_lo__<domain>" (the domain suffix as in test_metric)."""
+    base = test_metric(name, domain)
+    head, sep, tail = base.partition("__")
+    return f"{head}_ci95_{bound}{sep}{tail}"
 
 
 # generator / synthesize runs

@@ -16,18 +16,49 @@ import yaml
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "demo": {
         "prepare_data": {"source": "demo", "size": 1500, "folds": 5, "seed": 0, "on_error": "raise"},
-        "train_cv": {"backbone": "convnext", "regime": "real_only", "folds": "all", "epochs": 4, "batch_size": 32,
-                     "lr": None, "seed": 0, "pretrained": "none", "device": "auto"},
-        "evaluate": {"threshold": "0.5"},
+        # generator: tiny VAE/DiT, few epochs, lr 1e-3 (the paper's 1e-4 is too slow for minutes on a CPU), the
+        # VAE trained on 64 px crops and not fine-tuned, 100 synthetic atypical crops per fold (balancing would
+        # take 840: minutes more on 2 cores). Pretraining must not see the CV pool: a separate demo pool.
+        "generator_pretrain": {"data": "stores/demo_pool", "arch": "tiny", "vae_epochs": 1, "dit_epochs": 6,
+                               "batch_size": 8, "lr": 2e-3, "seed": 0, "vae_crop": 64, "kl_weight": 1e-4,
+                               "ema_decay": 0.999, "preview_every": 0, "device": "auto", "work_dir": ".work/generator"},
+        "generator_finetune": {"data": "stores/demo", "pretrain_run_id": "", "folds": "all", "vae_epochs": 0,
+                               "dit_epochs": 4, "batch_size": 16, "lr": 2e-3, "seed": 0, "vae_crop": 64,
+                               "kl_weight": 1e-4, "label_dropout": 0.1, "ema_decay": 0.999, "preview_every": 0,
+                               "device": "auto", "work_dir": ".work/generator"},
+        "synthesize": {"n_atypical": 100, "n_normal": 0, "sampler": "dpmsolver++", "steps": 10, "guidance": 2.0,
+                       "seed": 0, "batch_size": 256, "out": "stores/synthetic", "quality_max": 100,
+                       "features": "descriptor", "device": "auto"},
+        "train_cv": {"data": "stores/demo", "backbone": "convnext", "regime": "real_only", "synth_run_id": "",
+                     "n_synthetic": "balance", "folds": "all", "epochs": 4, "batch_size": 32, "lr": None, "seed": 0,
+                     "pretrained": "none", "device": "auto", "workroot": ".train_cv_work"},
+        "evaluate": {"threshold": "0.5", "allow_overlap": "false", "device": "auto", "n_boot": 500, "batch_size": 128,
+                     "tta": "false"},
         "tune": {"n_trials": 4, "n_workers": 1, "lr_min": 1e-4, "lr_max": 3e-3, "folds": "1,2", "epochs": 2},
         "report": {"select_by": "test_auroc", "n_boot": 1000, "register": "true"},
         "predict": {"tta": "false", "batch_size": 64, "device": "auto"},  # model/input/output: the platform's
     },
     "paper": {
         "prepare_data": {"source": "midog25", "folds": 5, "seed": 42, "on_error": "skip"},
-        "train_cv": {"backbone": "convnext", "regime": "real_only", "folds": "all", "epochs": 25, "batch_size": 16,
-                     "lr": None, "seed": 42, "pretrained": "hub", "device": "auto"},
-        "evaluate": {"threshold": "0.5"},
+        # generator (paper, "Synthetic Image Generation"): VAE and DDPM each 1000 epochs, batch 32, AdamW 1e-4 on
+        # the unlabelled WSI pool; per fold VAE 2000 / DiT 5000 epochs, batch 8; DDPM 1000 steps. Sizes, KL weight,
+        # CFG dropout/scale are not in the paper: Stable-Diffusion-sized VAE + DiT-B/2, DiT's 0.1 and 1.5.
+        "generator_pretrain": {"data": "stores/wsi_pool", "arch": "base", "vae_epochs": 1000, "dit_epochs": 1000,
+                               "batch_size": 32, "lr": 1e-4, "seed": 42, "vae_crop": 0, "kl_weight": 1e-4,
+                               "ema_decay": 0.9999, "preview_every": 50, "device": "auto",
+                               "work_dir": ".work/generator"},
+        "generator_finetune": {"data": "stores/midog25", "pretrain_run_id": "", "folds": "all", "vae_epochs": 2000,
+                               "dit_epochs": 5000, "batch_size": 8, "lr": 1e-4, "seed": 42, "vae_crop": 0,
+                               "kl_weight": 1e-4, "label_dropout": 0.1, "ema_decay": 0.9999, "preview_every": 250,
+                               "device": "auto", "work_dir": ".work/generator"},
+        "synthesize": {"n_atypical": "balance", "n_normal": 0, "sampler": "ddpm", "steps": 1000, "guidance": 1.5,
+                       "seed": 42, "batch_size": 256, "out": "stores/synthetic", "quality_max": 2000,
+                       "features": "descriptor", "device": "auto"},
+        "train_cv": {"data": "stores/midog25", "backbone": "convnext", "regime": "real_only", "synth_run_id": "",
+                     "n_synthetic": "balance", "folds": "all", "epochs": 25, "batch_size": 16, "lr": None, "seed": 42,
+                     "pretrained": "hub", "device": "auto", "workroot": ".train_cv_work"},
+        "evaluate": {"threshold": "0.5", "allow_overlap": "false", "device": "auto", "n_boot": 2000, "batch_size": 128,
+                     "tta": "false"},
         "tune": {"n_trials": 20, "n_workers": 1, "lr_min": 1e-6, "lr_max": 1e-3, "folds": "all", "epochs": 10},
         "report": {"select_by": "test_auroc", "n_boot": 2000, "register": "true"},
         "predict": {"tta": "false", "batch_size": 64, "device": "auto"},  # model/input/output: the platform's

@@ -41,3 +41,53 @@ def demo_store(tmp_path_factory):
     out = tmp_path_factory.mktemp("stores") / "demo600"
     store, _ = ingest("demo", None, out, folds=5, seed=0, size=600)
     return store
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """Two fold checkpoints of the demo ConvNeXt (random init, different seeds): enough for
+    the ensemble, the registered pyfunc model and the container's inference, without training."""
+    import torch
+
+    from models.backbones import resolve_backbone
+    from models.checkpoint import save_checkpoint
+    from models.classifier import build_classifier
+    spec = resolve_backbone("convnext", "demo")
+    root = tmp_path_factory.mktemp("tiny_checkpoints")
+    dirs = []
+    for k in (1, 2):
+        torch.manual_seed(k)
+        dirs.append(save_checkpoint(build_classifier(spec, "none"), spec, root / f"fold{k}"))
+    return dirs
+
+
+@pytest.fixture
+def tiny_train_run(tracking, tiny_checkpoints):
+    """A finished train_cv run (convnext, real_only, folds 1,2) whose fold runs carry the tiny
+    checkpoints as their `checkpoint/` artifacts, as train_cv logs them; yields its run id."""
+    from analysis import keys
+    with mlflow.start_run(run_name="tiny", tags={keys.STEP: keys.TRAIN_CV, keys.PROFILE: "demo",
+                                                 keys.BACKBONE: "convnext", keys.REGIME: keys.REAL_ONLY}) as parent:
+        mlflow.log_params({keys.P_BACKBONE: "convnext", keys.P_REGIME: keys.REAL_ONLY, keys.P_FOLDS: "1,2"})
+        for k, folder in enumerate(tiny_checkpoints, 1):
+            mlflow.log_metrics({keys.fold_metric(k, "auroc"): 0.8 + k / 100, keys.fold_metric(k, "ba"): 0.7})
+            with mlflow.start_run(nested=True, tags={keys.STEP: keys.TRAIN_CV, keys.FOLD: str(k)}):
+                mlflow.log_artifacts(str(folder), keys.CHECKPOINT_DIR)
+    yield parent.info.run_id
+
+
+@pytest.fixture(scope="session")
+def thumb_stores(tmp_path_factory):
+    """(real, pool): demo crops shrunk to 32 px for fast generator tests. `real` has 96 crops
+    in 3 CV folds; `pool` 48 crops from another seed, outside any CV pool (folds 0)."""
+    from data_tools.demo import make_demo
+    from data_tools.folds import assign_folds
+    from data_tools.store import write_store
+    root = tmp_path_factory.mktemp("thumb_stores")
+    stores = []
+    for name, n, seed, k in (("real", 96, 0, 3), ("pool", 48, 5, 0)):
+        images, index = make_demo(n=n, seed=seed)
+        images = images.reshape(n, 32, 4, 32, 4, 3).mean((2, 4)).round().astype("uint8")
+        index, split = assign_folds(index, k, seed)
+        stores.append(write_store(root / name, images, index, name=f"thumb_{name}", adapter="demo", split=split))
+    return tuple(stores)

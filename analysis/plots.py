@@ -1,0 +1,71 @@
+"""The report's figures: fold AUROCs per row, test ROC curves of all rows, a reliability diagram."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
+from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+
+from analysis.tables import MEAN, SD  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def plot_fold_aurocs(table1: pd.DataFrame, path: str | Path) -> Path:
+    """Mean ± population SD of the fold AUROCs (%) per row, with each fold as a dot."""
+    fold_cols = [c for c in table1.columns if c.startswith("F") and c[1:].isdigit()]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(table1), 4))
+    x = np.arange(len(table1))
+    ax.errorbar(x, table1[MEAN], yerr=table1[SD], fmt="o", capsize=6, color="black", label="mean ± SD", zorder=3)
+    for i, (_, row) in enumerate(table1.iterrows()):
+        vals = row[fold_cols].to_numpy(float)
+        jitter = np.linspace(-0.15, 0.15, len(vals))
+        ax.scatter(i + jitter, vals, s=18, alpha=0.7, label="folds" if i == 0 else None)
+    ax.set_xticks(x, table1.index, rotation=20, ha="right")
+    ax.set_ylabel("CV AUROC (%)")
+    ax.set_title(f"{len(fold_cols)}-fold cross-validation AUROC")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_rocs(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "Test ROC") -> Path:
+    """ROC curves of all rows on one plot; `curves`: label -> (y_true, prob)."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for label, (y, p) in curves.items():
+        fpr, tpr, _ = roc_curve(y, p)
+        ax.plot(fpr, tpr, label=f"{label} (AUROC {roc_auc_score(y, p) * 100:.2f})")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=7)
+    return _save(fig, path)
+
+
+def plot_calibration(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, n_bins: int = 10,
+                     title: str = "Reliability diagram") -> Path:
+    """Observed atypical fraction against mean predicted probability, quantile bins, per row."""
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5, 6.5), height_ratios=(3, 1), sharex=True)
+    for label, (y, p) in curves.items():
+        frac, mean_p = calibration_curve(y, p, n_bins=n_bins, strategy="quantile")
+        ax.plot(mean_p, frac, marker="o", ms=3, label=label)
+        hist.hist(p, bins=20, range=(0, 1), histtype="step", label=label)
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+    ax.set(ylabel="observed fraction atypical", title=title, xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left", fontsize=7)
+    hist.set(xlabel="predicted probability of atypical", ylabel="crops")
+    hist.set_yscale("log")
+    hist.set_ylim(bottom=0.5)
+    return _save(fig, path)

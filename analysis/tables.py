@@ -1,0 +1,172 @@
+"""The paper's Tables 1 and 2 from MLflow runs, as DataFrames and as Markdown, CSV and LaTeX.
+
+Values are stored as fractions in the runs and shown in percent with two decimals, as in
+the paper. Table 1's SD is the population SD over folds (ddof=0), as the paper's. The CSV
+keeps full precision and the run ids, so a number in a table can be traced to its run.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis import keys
+from analysis.metrics import mean_and_population_sd
+from analysis.queries import EvalRun, TrainRow
+
+BACKBONE_NAMES = {"convnext": "ConvNeXt-Small", "lunit": "Lunit SSL"}
+REGIME_NAMES = {keys.REAL_ONLY: "real", keys.SYNTH_BALANCED: "real+synth"}
+TABLE2_COLUMNS = {"auroc": "AUROC", "accuracy": "Accuracy", "sensitivity": "Sensitivity",
+                  "specificity": "Specificity", "ba": "Bal. Acc."}
+ID_COLUMNS = ["backbone", "regime", "train_run_id"]  # in the CSV only
+MEAN, SD, MEAN_SD = "Mean", "SD", "Mean ± SD"
+MISSING = "—"
+
+
+def row_label(backbone: str, regime: str) -> str:
+    """'ConvNeXt-Small (real)', the paper's row names; unknown names are shown as they are."""
+    return f"{BACKBONE_NAMES.get(backbone, backbone)} ({REGIME_NAMES.get(regime, regime)})"
+
+
+def _ids(row: TrainRow) -> dict[str, str]:
+    return {"backbone": row.backbone, "regime": row.regime, "train_run_id": row.run_id}
+
+
+def table1(rows: list[TrainRow]) -> pd.DataFrame:
+    """Five-fold CV AUROC (%) per row: F1..FK, Mean and population SD over the folds."""
+    k_max = max((max(r.fold_metric("auroc"), default=0) for r in rows), default=0)
+    records = []
+    for row in rows:
+        folds = row.fold_metric("auroc")
+        mean, sd = mean_and_population_sd(v * 100 for v in folds.values())
+        records.append({**_ids(row), **{f"F{k}": folds[k] * 100 if k in folds else math.nan for k in range(1, k_max + 1)},
+                        MEAN: mean, SD: sd})
+    return _frame(records, [f"F{k}" for k in range(1, k_max + 1)] + [MEAN, SD], rows)
+
+
+def table2(rows: list[TrainRow], evals: dict[str, EvalRun]) -> tuple[pd.DataFrame, list[str]]:
+    """Test-set metrics (%) per row with an evaluate run (`evals`: train_run_id -> run), and
+    a sentence for each row left out."""
+    records, kept, skipped = [], [], []
+    for row in rows:
+        ev = evals.get(row.run_id)
+        if ev is None:
+            skipped.append(f"{row.name}: no finished evaluate run")
+            continue
+        values = {label: ev.metric(name) for name, label in TABLE2_COLUMNS.items()}
+        lacking = [keys.test_metric(n) for n, label in TABLE2_COLUMNS.items() if values[label] is None]
+        if lacking:
+            skipped.append(f"{row.name}: evaluate run {ev.run_id[:8]} lacks {lacking}")
+            continue
+        records.append({**_ids(row), "evaluate_run_id": ev.run_id, **{k: v * 100 for k, v in values.items()}})
+        kept.append(row)
+    return _frame(records, list(TABLE2_COLUMNS.values()), kept, extra_ids=["evaluate_run_id"]), skipped
+
+
+def table2_domains(rows: list[TrainRow], evals: dict[str, EvalRun], metric: str = "ba") -> pd.DataFrame:
+    """One test metric (%) per row and per domain (the platform reports BA per tumour domain)."""
+    prefix = keys.test_metric(metric) + "__"
+    records, kept = [], []
+    for row in rows:
+        ev = evals.get(row.run_id)
+        if ev is None:
+            continue
+        per_domain = {m[len(prefix):]: v * 100 for m, v in ev.run.data.metrics.items() if m.startswith(prefix)}
+        if per_domain:
+            records.append({**_ids(row), **per_domain})
+            kept.append(row)
+    domains = sorted({c for r in records for c in r} - set(ID_COLUMNS))
+    return _frame(records, domains, kept)
+
+
+def _frame(records: list[dict], value_columns: list[str], rows: list[TrainRow], extra_ids: list[str] = ()) -> pd.DataFrame:
+    df = pd.DataFrame(records, columns=ID_COLUMNS + list(extra_ids) + value_columns,
+                      index=pd.Index([row_label(*r.key) for r in rows], name="Model"))
+    return df
+
+
+def _cell(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return MISSING
+    return f"{v:.2f}" if isinstance(v, (int, float, np.number)) else str(v)
+
+
+def display(df: pd.DataFrame) -> pd.DataFrame:
+    """The human table: identifiers dropped, two decimals, Mean and SD merged into 'Mean ± SD'."""
+    shown = df.drop(columns=[c for c in df.columns if c in ID_COLUMNS or c.endswith("_run_id")])
+    out = shown.map(_cell)
+    if MEAN in out.columns and SD in out.columns:
+        out[MEAN_SD] = [f"{m} ± {s}" for m, s in zip(out.pop(MEAN), out.pop(SD))]
+    return out
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    shown = display(df).reset_index()
+    lines = ["| " + " | ".join(map(str, shown.columns)) + " |",
+             "|" + "|".join([":---"] + ["---:"] * (len(shown.columns) - 1)) + "|"]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in shown.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def _tex(text: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
+                 ("±", r"$\pm$"), ("—", "--")):
+        text = text.replace(a, b)
+    return text
+
+
+def to_latex(df: pd.DataFrame, caption: str = "", label: str = "") -> str:
+    """A booktabs table, the paper's layout."""
+    shown = display(df).reset_index()
+    lines = [r"\begin{table}[t]", r"\centering"]
+    if caption:
+        lines.append(rf"\caption{{{_tex(caption)}}}")
+    if label:
+        lines.append(rf"\label{{{label}}}")
+    lines += [r"\begin{tabular}{l" + "r" * (len(shown.columns) - 1) + "}", r"\toprule",
+              " & ".join(_tex(str(c)) for c in shown.columns) + r" \\", r"\midrule"]
+    lines += [" & ".join(_tex(str(v)) for v in r) + r" \\" for r in shown.itertuples(index=False)]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(df: pd.DataFrame, out_dir: str | Path, stem: str, caption: str = "") -> list[Path]:
+    """`<stem>.md`, `<stem>.csv` (full precision, with run ids) and `<stem>.tex` in out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.{ext}" for ext in ("md", "csv", "tex")]
+    paths[0].write_text((f"**{caption}**\n\n" if caption else "") + to_markdown(df))
+    df.to_csv(paths[1])
+    paths[2].write_text(to_latex(df, caption, label=f"tab:{stem}"))
+    return paths
+
+
+def _p(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _pp(d: dict, key: str = "delta") -> str:
+    """A difference in percentage points with its interval: '-0.25 [-0.61, 0.11]'."""
+    return f"{d[key] * 100:+.2f} [{d['ci_low'] * 100:+.2f}, {d['ci_high'] * 100:+.2f}]"
+
+
+def comparison_table(records: list[dict]) -> pd.DataFrame:
+    """The regime comparison (stats.compare_regimes) as a table of formatted cells; AUROC
+    differences in percentage points (synthetic-balanced minus real-only) with 95% intervals."""
+    out = []
+    for rec in records:
+        f, b, d = rec.get("folds"), rec.get("bootstrap"), rec.get("delong")
+        out.append({
+            "backbone": rec["backbone"], "regime": "synth - real", "train_run_id": rec["other_run_id"],
+            "Δ CV AUROC, folds (pp) [t 95% CI]": _pp(f, "mean_diff") if f else MISSING,
+            "paired t p": _p(f["t_pvalue"]) if f else MISSING,
+            "Wilcoxon p": _p(f["wilcoxon_pvalue"]) if f else MISSING,
+            "OOF AUROC real / synth (%)": f"{b['auroc_a'] * 100:.2f} / {b['auroc_b'] * 100:.2f}" if b else MISSING,
+            "Δ OOF AUROC (pp) [bootstrap 95% CI]": _pp(b) if b else MISSING,
+            "bootstrap p": _p(b["p_value"]) if b else MISSING,
+            "DeLong p": _p(d["p_value"]) if d else MISSING,
+        })
+    index = pd.Index([BACKBONE_NAMES.get(r["backbone"], r["backbone"]) for r in records], name="Backbone")
+    return pd.DataFrame(out, index=index)

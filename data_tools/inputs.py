@@ -1,0 +1,172 @@
+"""Crops to predict on: platform TIFF stacks, a folder of crop images, or a dataset store.
+
+The MIDOG 2025 Track 2 platform mounts one multi-page TIFF per job under
+`/input/images/stacked-histopathology-roi-cropouts/`, each page an RGB 128x128 crop, and
+scores a list with one entry per page in page order. Its evaluation is all-or-nothing
+per job, so every problem here is an `InputError` naming the file (and page) rather
+than a skipped crop: a partial answer would be scored as wrong.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image, UnidentifiedImageError
+
+from data_tools.images import CROP_SIZE, IMAGE_SUFFIXES, ImageError, as_rgb, load_crop
+from data_tools.store import MANIFEST, open_store
+
+PLATFORM_INPUT = "/input/images/stacked-histopathology-roi-cropouts"
+PLATFORM_OUTPUT = "/output/multiple-mitotic-figure-classification.json"
+STACK_SUFFIXES = (".tif", ".tiff")
+
+
+class InputError(ValueError):
+    """An input cannot be predicted on; the message names the file (and page)."""
+
+
+@dataclass
+class Crops:
+    """Images [N, H, W, 3] uint8 with one id per crop, and where each crop came from."""
+    images: np.ndarray
+    ids: list[str]
+    files: list[str] = field(default_factory=list)  # per crop: the stack or image file (or store)
+    kind: str = "crops"  # "stacks" | "crops" | "store"
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def natural_key(path: Path | str) -> list:
+    """'stack_2' sorts before 'stack_10' (a Path by its name, a str as it is)."""
+    text = path.name if isinstance(path, Path) else path
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
+
+
+def read_stack(path: str | Path, size: int | None = CROP_SIZE) -> np.ndarray:
+    """All pages of a platform stack as uint8 RGB [P, size, size, 3], in page order."""
+    path = Path(path)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            pages = []
+            for i, page in enumerate(tif.pages):
+                try:
+                    array = page.asarray()
+                except Exception as e:  # noqa: BLE001 - any decoder failure is an unreadable page
+                    raise InputError(f"{path}: page {i} cannot be decoded ({e})") from None
+                try:
+                    pages.append(as_rgb(array, f"{path} page {i}", size))
+                except ImageError as e:
+                    raise InputError(str(e)) from None
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tifffile raises many types for a broken file
+        raise InputError(f"{path}: not a readable TIFF ({type(e).__name__}: {e})") from None
+    if not pages:
+        raise InputError(f"{path}: not a readable TIFF (no page could be read: broken or empty file)")
+    if len({p.shape for p in pages}) > 1:
+        raise InputError(f"{path}: pages differ in size {sorted({p.shape for p in pages})}")
+    return np.stack(pages)
+
+
+def find_stacks(folder: str | Path) -> list[Path]:
+    """The `*.tif`/`*.tiff` files of a folder, in natural name order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: input folder not found")
+    stacks = sorted((p for p in folder.iterdir() if p.suffix.lower() in STACK_SUFFIXES and p.is_file()), key=natural_key)
+    if not stacks:
+        raise InputError(f"{folder}: no .tif/.tiff stack in the input folder")
+    return stacks
+
+
+def load_stacks(paths: list[Path], size: int | None = CROP_SIZE) -> Crops:
+    """Every page of every stack, stack by stack; ids '<file name>#<page>'."""
+    images, ids, files = [], [], []
+    for path in paths:
+        pages = read_stack(path, size)
+        images.append(pages)
+        ids += [f"{path.name}#{i}" for i in range(len(pages))]
+        files += [str(path)] * len(pages)
+    if len({im.shape[1:] for im in images}) > 1:
+        raise InputError(f"stacks differ in page size: {sorted({im.shape[1:] for im in images})}")
+    return Crops(np.concatenate(images), ids, files, kind="stacks")
+
+
+def load_folder(folder: str | Path, size: int | None = CROP_SIZE) -> Crops:
+    """The crop images under a folder (recursively, natural order); ids are relative paths."""
+    folder = Path(folder)
+    paths = sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+                   key=lambda p: natural_key(p.relative_to(folder).as_posix()))
+    if not paths:
+        raise InputError(f"{folder}: no crop images ({', '.join(IMAGE_SUFFIXES)}) in the folder")
+    images = []
+    for p in paths:
+        try:
+            images.append(load_crop(p, size))
+        except ImageError as e:
+            raise InputError(str(e)) from None
+    if len({im.shape for im in images}) > 1:
+        raise InputError(f"{folder}: crops differ in size; give crops of one size")
+    return Crops(np.stack(images), [str(p.relative_to(folder)) for p in paths], [str(p) for p in paths], kind="crops")
+
+
+def load_inputs(path: str | Path, size: int | None = CROP_SIZE) -> Crops:
+    """Whatever `path` is: a store folder, one stack file, a folder of stacks, or a folder of crops.
+
+    A folder holding any .tif/.tiff at its top level is read as platform stacks.
+    """
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        store = open_store(path)
+        if len(store) == 0:
+            raise InputError(f"{path}: the store holds no images")
+        return Crops(np.asarray(store.images), store.index["sample_id"].astype(str).tolist(), [str(path)] * len(store),
+                     kind="store")
+    if path.is_file():
+        if path.suffix.lower() in STACK_SUFFIXES:
+            return load_stacks([path], size)
+        raise InputError(f"{path}: not a .tif/.tiff stack; give a stack, a folder or a store")
+    if not path.is_dir():
+        raise InputError(f"{path}: input not found")
+    if any(p.suffix.lower() in STACK_SUFFIXES for p in path.iterdir()):
+        return load_stacks(find_stacks(path), size)
+    return load_folder(path, size)
+
+
+def decode_image_bytes(data: bytes, where: str, size: int | None = None) -> np.ndarray:
+    """An encoded image (PNG, JPEG, TIFF, ...) as uint8 RGB [H, W, 3]."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode not in ("RGB", "RGBA"):
+                raise ImageError(f"{where}: image mode {im.mode}, expected RGB")
+            array = np.asarray(im)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        if isinstance(e, ImageError):
+            raise
+        raise ImageError(f"{where}: cannot decode image ({e})") from None
+    return as_rgb(array, where, size)
+
+
+def decode_base64_image(text: str, where: str, size: int | None = None) -> np.ndarray:
+    """A base64 string of an encoded image (the REST scoring input) as uint8 RGB."""
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError, TypeError) as e:
+        raise ImageError(f"{where}: not base64 ({e})") from None
+    return decode_image_bytes(data, where, size)
+
+
+def encode_png_base64(image: np.ndarray) -> str:
+    """The inverse, for clients: uint8 RGB [H, W, 3] -> base64 PNG string."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8), "RGB").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")

@@ -1,0 +1,237 @@
+"""report: Tables 1 and 2, the regime comparison and the figures from the experiment's runs;
+registers the chosen row's fold ensemble as the `submission` model.
+
+Every section is built from what the runs hold; a section (or row) that cannot be built
+is listed, with the reason, under "Skipped" in report.md and on the console.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from analysis import keys
+from analysis.plots import plot_calibration, plot_fold_aurocs, plot_rocs
+from analysis.queries import (EvalRun, ReportDataError, TrainRow, eval_runs, experiment_ids, out_of_fold_predictions,
+                              read_csv_artifact, train_rows)
+from analysis.stats import compare_regimes
+from analysis.submission import CRITERIA, SelectionError, log_ensemble_model, select_row
+from analysis.tables import comparison_table, row_label, table1, table2, table2_domains, to_markdown, write_table
+from pipelines.common import log_params, step_parser, step_run
+from pipelines.profiles import resolve
+
+CAPTION1 = "{k}-fold cross-validation AUROC (%) per backbone and training regime."
+CAPTION2 = "Test set results (%) per backbone and training regime"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "test"
+
+
+class Report:
+    """The report's folder, its Markdown text and the list of what was skipped."""
+
+    def __init__(self, out: Path):
+        self.out, self.parts, self.skipped = out, [], []
+
+    def section(self, title: str, text: str) -> None:
+        self.parts.append(f"## {title}\n\n{text}\n")
+        print(f"\n== {title} ==\n{text}")
+
+    def skip(self, section: str, reasons: list[str]) -> None:
+        self.skipped += [f"{section}: {r}" for r in reasons]
+
+    def write(self) -> Path:
+        skipped = "\n".join(f"- {s}" for s in self.skipped) or "nothing"
+        text = "# Report\n\n" + "\n".join(self.parts) + f"\n## Skipped\n\n{skipped}\n"
+        path = self.out / keys.REPORT_MD
+        path.write_text(text)
+        if self.skipped:
+            print("\n== Skipped ==\n" + skipped)
+        return path
+
+
+def _predictions(rows: list[TrainRow], evals: dict[str, EvalRun] | None, report: Report) -> tuple[dict, str | None]:
+    """label -> (y, prob) per row: the test predictions when there are evaluate runs, else the
+    out-of-fold predictions (calibration still says something there); and what they are."""
+    curves = {}
+    for row in rows:
+        ev = (evals or {}).get(row.run_id)
+        if ev is None:
+            continue
+        df = read_csv_artifact(ev.run_id, keys.PREDICTIONS)
+        if df is None or not {"label", "prob"} <= set(df.columns):
+            report.skip("Figures", [f"{row.name}: evaluate run {ev.run_id[:8]} has no usable {keys.PREDICTIONS}"])
+            continue
+        curves[row_label(*row.key)] = (df["label"].to_numpy(int), df["prob"].to_numpy(float))
+    if curves:
+        return curves, "test"
+    for row in rows:
+        oof, _ = out_of_fold_predictions(row)
+        if oof is not None:
+            curves[row_label(*row.key)] = (oof["label"].to_numpy(int), oof["prob"].to_numpy(float))
+    return curves, ("out-of-fold predictions" if curves else None)
+
+
+def table1_section(rows: list[TrainRow], report: Report) -> None:
+    t1 = table1(rows)
+    caption = CAPTION1.format(k=sum(c.startswith("F") for c in t1.columns))
+    write_table(t1, report.out, keys.TABLE1, caption)
+    report.section("Table 1", f"{caption}\n\n{to_markdown(t1)}")
+    plot_fold_aurocs(t1, report.out / keys.FIG_FOLD_AUROC)
+
+
+def table2_sections(rows: list[TrainRow], evals_by_set: dict[str, dict[str, EvalRun]], report: Report) -> None:
+    """One Table 2 per test set (one file `table2.*` when there is one set), plus BA per domain."""
+    for name, evals in evals_by_set.items():
+        stem = keys.TABLE2 if len(evals_by_set) == 1 else f"{keys.TABLE2}_{_slug(name)}"
+        t2, skipped = table2(rows, evals)
+        report.skip(f"Table 2 ({name})", skipped)
+        if not len(t2):
+            continue
+        caption = f"{CAPTION2}, test set {name}."
+        write_table(t2, report.out, stem, caption)
+        text = f"{caption}\n\n{to_markdown(t2)}"
+        per_domain = table2_domains(rows, evals, "ba")
+        if len(per_domain) and len(per_domain.columns) > 3:
+            write_table(per_domain, report.out, f"{stem}_domains_ba", f"Balanced accuracy (%) per domain, {name}")
+            text += f"\nBalanced accuracy (%) per domain:\n\n{to_markdown(per_domain)}"
+        report.section(f"Table 2 ({name})", text)
+
+
+def comparison_section(rows: list[TrainRow], n_boot: int, report: Report) -> None:
+    records, skipped = compare_regimes(rows, out_of_fold_predictions, n_boot=n_boot)
+    report.skip("Regime comparison", skipped)
+    if not records:
+        return
+    comparison = comparison_table(records)
+    write_table(comparison, report.out, keys.COMPARISON, "Synthetic balancing minus real only")
+    (report.out / keys.COMPARISON_JSON).write_text(json.dumps(records, indent=1))
+    report.section("Does synthetic balancing help?", (
+        "Synthetic-balanced minus real-only, per backbone. Over folds: paired t-test and Wilcoxon signed-rank "
+        "test on the fold AUROCs. Over samples: AUROC difference on the pooled out-of-fold predictions with a "
+        f"stratified paired bootstrap ({n_boot} resamples) interval, and DeLong's test.\n\n" + to_markdown(comparison)))
+
+
+def figures(rows: list[TrainRow], evals: dict[str, EvalRun] | None, test_set: str | None, report: Report) -> None:
+    curves, kind = _predictions(rows, evals, report)
+    if kind == "test":
+        plot_rocs(curves, report.out / keys.FIG_TEST_ROC, title=f"ROC, test set {test_set}")
+    else:
+        report.skip("Figures", ["test ROC curves: no test predictions" + ("" if evals is not None else
+                                                                           " of one test set (give test_set)")])
+    if curves:
+        where = f"test set {test_set}" if kind == "test" else kind
+        plot_calibration(curves, report.out / keys.FIG_CALIBRATION, title=f"Reliability, {where}")
+    else:
+        report.skip("Figures", ["calibration: no test or out-of-fold predictions"])
+
+
+def submission_section(rows: list[TrainRow], evals: dict[str, EvalRun] | None, test_set: str | None, select_by: str,
+                       register: bool, model_name: str, report: Report) -> dict | None:
+    """Select a row, tag the report run with it, and register its ensemble with the alias."""
+    try:
+        if select_by.startswith(keys.TEST_PREFIX) and not evals:
+            raise SelectionError("no evaluate runs" if evals is not None else "several test sets: give test_set")
+        selection = select_row(rows, evals or {}, select_by)
+    except SelectionError as e:
+        report.skip("Submission", [f"no row selected by {select_by}: {e}"])
+        return None
+    label = row_label(*selection.row.key)
+    source = f"from evaluate run `{selection.eval_run.run_id}`" if selection.eval_run else "default: no evaluate run"
+    text = (f"Selected by {select_by} = {selection.value * 100:.2f}%: {label}, train_cv run "
+            f"`{selection.row.run_id}`, threshold {selection.threshold:g} ({source})")
+    chosen = {"train_run_id": selection.row.run_id, "criterion": select_by, "value": selection.value,
+              "threshold": selection.threshold}
+    mlflow.set_tags({keys.SELECTED_TRAIN_RUN: selection.row.run_id, keys.SELECTED_ROW: label})
+    mlflow.log_metric(keys.SELECTED_VALUE, selection.value)
+    if register:
+        try:
+            version = log_ensemble_model(selection.row, selection.threshold, registered_name=model_name,
+                                         extra_config={"selected_by": select_by, "evaluated_on": test_set or ""})
+        except (SelectionError, OSError, RuntimeError, ValueError) as e:
+            report.skip("Submission", [f"the ensemble of {selection.row.name} was not registered: {e}"])
+        else:
+            chosen["registered"] = {"name": version.name, "version": version.version}
+            text += (f"\n\nRegistered as `models:/{version.name}/{version.version}`, alias "
+                     f"`models:/{version.name}@{keys.SUBMISSION_ALIAS}`.")
+    report.section("Submission", text)
+    return chosen
+
+
+def build_report(out: Path, experiment: str | None, test_set: str | None, select_by: str, run_ids: list[str] | None,
+                 n_boot: int, register: bool, model_name: str = keys.MODEL_NAME) -> dict:
+    """Write tables, figures and report.md into `out`; select, log and register the ensemble.
+
+    Returns a summary: the rows, the test sets, the selection (with the registered version)."""
+    client = MlflowClient()
+    exp_ids = experiment_ids(client, experiment)
+    report = Report(out)
+    rows, problems = train_rows(client, exp_ids, run_ids)
+    report.skip("Table 1", problems)
+    summary: dict = {"experiment_ids": exp_ids, "rows": {row_label(*r.key): r.run_id for r in rows}, "selection": None}
+    if rows:
+        table1_section(rows, report)
+        evals_by_set = eval_runs(client, exp_ids, rows)
+        if test_set:
+            if test_set not in evals_by_set:
+                report.skip("Table 2", [f"no finished evaluate run on test set {test_set!r} "
+                                        f"(found: {list(evals_by_set) or 'none'})"])
+            evals_by_set = {k: v for k, v in evals_by_set.items() if k == test_set}
+        elif not evals_by_set:
+            report.skip("Table 2", ["no finished evaluate run of any row"])
+        summary["test_sets"] = list(evals_by_set)
+        table2_sections(rows, evals_by_set, report)
+        comparison_section(rows, n_boot, report)
+        # one test set for the figures and the selection: the one given, or the only one there is
+        one_set = test_set or (next(iter(evals_by_set)) if len(evals_by_set) == 1 else None)
+        evals = evals_by_set.get(one_set, {}) if len(evals_by_set) <= 1 or one_set else None
+        figures(rows, evals, one_set, report)
+        chosen = submission_section(rows, evals, one_set, select_by, register, model_name, report)
+        summary["selection"] = chosen
+        summary["registered"] = (chosen or {}).get("registered")
+    else:
+        report.section("Table 1", "No complete train_cv row: nothing to report.")
+    report.write()
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = step_parser(keys.REPORT, __doc__)
+    p.add_argument("--experiment", default="", help="experiment name or id (default: the active one)")
+    p.add_argument("--test_set", default="", help="test set name (tag test_set of evaluate runs) when several exist")
+    p.add_argument("--select_by", default="", help=f"submission criterion: one of {CRITERIA}")
+    p.add_argument("--runs", default="", help="comma-separated train_cv run ids (default: latest finished per row)")
+    p.add_argument("--n_boot", default="", help="bootstrap resamples of the AUROC difference")
+    p.add_argument("--register", default="", help="true | false: register the selected ensemble")
+    p.add_argument("--model_name", default="", help=f"registered model name (default {keys.MODEL_NAME})")
+    args = p.parse_args(argv)
+    cfg = resolve(keys.REPORT, args.profile, vars(args))
+    if cfg["select_by"] not in CRITERIA:
+        p.error(f"--select_by must be one of {CRITERIA}")
+    run_ids = [r.strip() for r in cfg.get("runs", "").split(",") if r.strip()] or None
+    if cfg.get("experiment"):
+        try:
+            experiment_id = experiment_ids(MlflowClient(), cfg["experiment"])[0]
+        except ReportDataError as e:
+            raise SystemExit(f"report: {e}") from None
+        if not os.environ.get("MLFLOW_RUN_ID"):  # the report run lives with the runs it reports
+            mlflow.set_experiment(experiment_id=experiment_id)
+    with step_run(keys.REPORT, args.profile, run_name="report"), tempfile.TemporaryDirectory() as tmp:
+        log_params({k: cfg.get(k, "") for k in (keys.P_EXPERIMENT, keys.TEST_SET, keys.P_SELECT_BY, "runs", "n_boot",
+                                                "register", "model_name")})
+        summary = build_report(Path(tmp), cfg.get("experiment") or None, cfg.get("test_set") or None,
+                               cfg["select_by"], run_ids, int(cfg["n_boot"]), str(cfg["register"]).lower() == "true",
+                               cfg.get("model_name") or keys.MODEL_NAME)
+        mlflow.log_artifacts(tmp)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

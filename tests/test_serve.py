@@ -1,0 +1,93 @@
+"""The report registers the chosen fold ensemble; `mlflow models serve` answers over HTTP with
+the same probabilities as the ensemble itself, and classes at the evaluate run's threshold."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from analysis import keys
+from data_tools.demo import make_demo
+from data_tools.inputs import encode_png_base64
+from models.ensemble import FoldEnsemble
+from pipelines import report
+
+from services import free_port, wait_http
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: a second OpenMP thread only waits for a busy core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def post(url: str, payload: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_registered_ensemble_serves_predictions_over_http(tracking, tiny_train_run, tiny_checkpoints, tmp_path):
+    images, _ = make_demo(4, seed=11)
+    expected = FoldEnsemble.from_dirs(tiny_checkpoints).predict_proba(images)
+    threshold = float(np.median(expected))
+    with mlflow.start_run(tags={keys.STEP: keys.EVALUATE, keys.TEST_SET: "prelim"}):
+        mlflow.log_params({keys.P_TRAIN_RUN_ID: tiny_train_run, keys.P_THRESHOLD: str(threshold)})
+        mlflow.log_metrics({keys.test_metric(m): 0.6 for m in keys.TEST_METRICS})
+
+    summary = report.main(["--n_boot", "20"])
+    assert summary["registered"]["name"] == keys.MODEL_NAME
+    version = MlflowClient().get_model_version_by_alias(keys.MODEL_NAME, keys.SUBMISSION_ALIAS)
+    assert version.version == summary["registered"]["version"]
+    assert version.tags["train_run_id"] == tiny_train_run and float(version.tags["threshold"]) == threshold
+
+    port = free_port()
+    # the scoring server execs `uvicorn` from PATH: the venv's bin, as in an activated environment
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "OMP_NUM_THREADS": "1",
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m",
+                               f"models:/{keys.MODEL_NAME}@{keys.SUBMISSION_ALIAS}", "--env-manager", "local",
+                               "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", timeout=120, proc=server)
+        url = f"http://127.0.0.1:{port}/invocations"
+        # base64 PNG crops in the `image` column
+        status, body = post(url, {"dataframe_split": {"columns": ["image"],
+                                                      "data": [[encode_png_base64(im)] for im in images]}})
+        assert status == 200, body
+        got = body["predictions"]
+        assert [g["probability"] for g in got] == pytest.approx(expected.tolist(), abs=1e-6)
+        assert [g["class"] for g in got] == ["atypical" if p >= threshold else "normal" for p in expected]
+        # file paths the server can read, in the `path` column, with flip TTA as a param
+        Image.fromarray(images[0]).save(tmp_path / "crop.png")
+        status, body = post(url, {"dataframe_split": {"columns": ["path"], "data": [[str(tmp_path / "crop.png")]]},
+                                  "params": {"tta": True}})
+        assert status == 200, body
+        tta = FoldEnsemble.from_dirs(tiny_checkpoints).predict_proba(images[:1], tta=True)
+        assert body["predictions"][0]["probability"] == pytest.approx(float(tta[0]), abs=1e-6)
+        # a row that is not an image is an error naming the row, not a prediction
+        status, body = post(url, {"dataframe_split": {"columns": ["image"], "data": [["bm90IGFuIGltYWdl"]]}})
+        assert status >= 400 and "row 0" in json.dumps(body)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
