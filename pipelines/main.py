@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> str:
         if not pool and cfg["source"] == "demo":  # pretraining never sees the CV pool: a pool of its own
             pool = str(stores / "demo_pool")
             flow.step(keys.PREPARE_DATA, source="demo", out=pool, folds="0", seed=str(int(cfg["seed"]) + 2),
-                      size=str(cfg.get("size", 1500)))
+                      size="1000")
         pool = pool or resolve(keys.GENERATOR_PRETRAIN, args.profile, {}).get("data", "")
         if not Path(pool).joinpath("manifest.json").is_file():
             raise SystemExit(f"no generator pretraining pool at {pool!r}: build one first, e.g. "

@@ -27,7 +27,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                                "kl_weight": 1e-4, "label_dropout": 0.1, "ema_decay": 0.999, "preview_every": 0,
                                "device": "auto", "work_dir": ".work/generator"},
         "synthesize": {"n_atypical": 100, "n_normal": 0, "sampler": "dpmsolver++", "steps": 10, "guidance": 2.0,
-                       "seed": 0, "batch_size": 256, "out": "stores/synthetic", "quality_max": 100,
+                       "seed": 0, "batch_size": 256, "out": "stores/synthetic", "quality_max": 64,
                        "features": "descriptor", "device": "auto"},
         "train_cv": {"data": "stores/demo", "backbone": "convnext", "regime": "real_only", "synth_run_id": "",
                      "n_synthetic": "balance", "folds": "all", "epochs": 4, "batch_size": 32, "lr": None, "seed": 0,

@@ -20,6 +20,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import optuna
+import torch
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
@@ -103,13 +104,15 @@ def objective(trial: optuna.Trial, cfg: TuneConfig, store: Store, study_run_id: 
 
 
 def work(cfg: TuneConfig, study_run_id: str) -> None:
-    """One worker: take trials until the study has n_trials finished ones."""
+    """One worker: take trials one at a time until the study has n_trials trials finished or
+    under way. Counting the running ones keeps workers from all starting the last trial
+    (Optuna's MaxTrialsCallback counts finished trials only); two workers that check at the
+    same instant can still overshoot by one."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.n_workers))  # workers share the cores
     store = open_store(cfg.data)
     study = load_study(cfg)
-    stop = optuna.study.MaxTrialsCallback(cfg.n_trials, states=DONE)
-    if finished_trials(study) < cfg.n_trials:
-        study.optimize(lambda t: objective(t, cfg, store, study_run_id), n_trials=cfg.n_trials, callbacks=[stop],
-                       gc_after_trial=True)
+    while len(study.get_trials(deepcopy=False, states=(*DONE, TrialState.RUNNING))) < cfg.n_trials:
+        study.optimize(lambda t: objective(t, cfg, store, study_run_id), n_trials=1, gc_after_trial=True)
 
 
 def study_run(cfg: TuneConfig) -> str:

@@ -25,23 +25,24 @@ def test_two_workers_share_a_journal_study_and_it_resumes(tracking, tiny_store, 
     journal = tmp_path / "journal.log"
     study = tune.main(_args(tiny_store, journal, n_trials=4, n_workers=2))
     trials = study.get_trials(states=DONE)
-    assert len(trials) == 4  # MaxTrialsCallback: the two workers together did exactly n_trials
-    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    # the two workers together did n_trials (one more only if both took the last one at the same instant)
+    assert 4 <= len(trials) <= 5 and not study.get_trials(states=(TrialState.RUNNING, TrialState.FAIL))
+    numbers = sorted(t.number for t in trials)
     assert all(1e-4 <= t.params["lr"] <= 1e-2 for t in trials)
 
     [study_run] = mlflow.search_runs(filter_string="tags.step = 'tune' and tags.optuna_study LIKE 'lr-test@%'",
                                      output_format="list")
     trial_runs = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{study_run.info.run_id}'",
                                     output_format="list")
-    assert sorted(int(r.data.tags["trial"]) for r in trial_runs) == [0, 1, 2, 3]  # each trial once, in MLflow too
+    assert sorted(int(r.data.tags["trial"]) for r in trial_runs) == numbers  # each trial ran once, in MLflow too
     assert {r.data.params["lr"] for r in trial_runs} == {str(t.params["lr"]) for t in trials}
     assert study_run.data.metrics["best_value"] == pytest.approx(study.best_value)
     assert study_run.data.metrics["best_lr"] == pytest.approx(study.best_params["lr"])
 
     # the same command with more trials extends the same study and the same study run
-    study = tune.main(_args(tiny_store, journal, n_trials=5, n_workers=1))
-    assert len(study.get_trials(states=DONE)) == 5
+    study = tune.main(_args(tiny_store, journal, n_trials=len(trials) + 1, n_workers=1))
+    assert len(study.get_trials(states=DONE)) == len(trials) + 1
     runs = mlflow.search_runs(filter_string="tags.step = 'tune' and tags.optuna_study LIKE 'lr-test@%'",
                               output_format="list")
     assert [r.info.run_id for r in runs] == [study_run.info.run_id]
-    assert mlflow.get_run(study_run.info.run_id).data.metrics["n_trials_done"] == 5
+    assert mlflow.get_run(study_run.info.run_id).data.metrics["n_trials_done"] == len(trials) + 1
