@@ -74,16 +74,22 @@ def log_params(params: dict) -> None:
     user ("1e-3"); the resolved value ("0.001") is the same and is not logged again. A
     truly different value (resuming a run with other parameters) is a clear error.
     """
-    run = mlflow.active_run()
-    existing = mlflow.get_run(run.info.run_id).data.params
-    fresh = {}
-    for key, value in params.items():
-        value = "" if value is None else str(value)
-        if key in existing:
-            if not _same_value(existing[key], value):
-                raise ValueError(f"run {run.info.run_id} already has {key}={existing[key]!r}; this call asks for "
+    run_id = mlflow.active_run().info.run_id
+    params = {k: "" if v is None else str(v) for k, v in params.items()}
+
+    def not_yet_logged() -> dict[str, str]:
+        existing = mlflow.get_run(run_id).data.params
+        for key, value in params.items():
+            if key in existing and not _same_value(existing[key], value):
+                raise ValueError(f"run {run_id} already has {key}={existing[key]!r}; this call asks for "
                                  f"{value!r}. Start a new run instead of resuming this one.")
-        else:
-            fresh[key] = value
+        return {k: v for k, v in params.items() if k not in existing}
+
+    fresh = not_yet_logged()
     if fresh:
-        mlflow.log_params(fresh)
+        try:
+            mlflow.log_params(fresh)
+        except mlflow.exceptions.MlflowException:
+            # another job (e.g. a fold on another machine) logged them at the same moment: fine if equal
+            if not_yet_logged():
+                raise
