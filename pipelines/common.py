@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -48,8 +49,11 @@ def log_store(store: Store, context: str) -> None:
     """Record which data a run consumed: the digest tag and an MLflow dataset input."""
     tag = keys.DATASET_DIGEST if context in ("training", "train") else f"{context}_digest"
     mlflow.set_tag(tag, store.digest)
-    dataset = mlflow.data.from_pandas(store.index, source=str(store.path.resolve()), name=store.name, digest=store.digest[:32])
-    mlflow.log_input(dataset, context=context)
+    with warnings.catch_warnings():  # MLflow's source-type guess and integer-schema hints: noise here
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(store.index, source=str(store.path.resolve()), name=store.name,
+                                          digest=store.digest[:32])
+        mlflow.log_input(dataset, context=context)
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -1,7 +1,6 @@
 """Shared fixtures: a private MLflow tracking store per test, demo stores, the real data path."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import mlflow
@@ -19,6 +18,17 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Every model in the tests is tiny: one thread is fastest, and far faster than two when
+    another process holds one of the two cores (OpenMP threads then wait on each other)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tracking(tmp_path, monkeypatch):
     """A fresh sqlite tracking store + artifact root for one test; yields the URI."""
@@ -28,7 +38,7 @@ def tracking(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
-    exp = mlflow.set_experiment("test")
+    mlflow.set_experiment("test")
     yield uri
     while mlflow.active_run():
         mlflow.end_run()

@@ -15,16 +15,6 @@ from models.sampling import SAMPLERS, generate, guided_eps
 FAST = dict(arch="tiny", batch_size=16, lr=2e-3, kl_weight=1e-3, ema_decay=0.99)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster than on two when another process
-    holds a core (OpenMP threads then wait on each other)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def trained(thumb_stores, tmp_path_factory):
     """A generator pretrained unconditionally on the pool, then fine-tuned with labels on

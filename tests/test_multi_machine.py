@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import mlflow
 import numpy as np
 import optuna
 import pytest

@@ -14,7 +14,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import tifffile
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -29,15 +28,6 @@ from models.ensemble import FoldEnsemble
 from pipelines import predict
 
 from conftest import ROOT, shared_data
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: a second OpenMP thread only waits for a busy core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write_stack(path: Path, images: np.ndarray) -> Path:
