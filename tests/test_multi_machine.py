@@ -43,6 +43,7 @@ def _check_joined_parent(client, experiment_id):
 def test_two_fold_jobs_join_one_parent(tracking, tiny_store):
     env = {**os.environ, "MLFLOW_EXPERIMENT_NAME": "folds"}
     env.pop("MLFLOW_EXPERIMENT_ID", None)
+    MlflowClient().create_experiment("folds")  # once, before the jobs (concurrent creation races in MLflow)
     jobs = [_train_fold_job(tiny_store, k, env) for k in (1, 2)]
     for job in jobs:
         out, _ = job.communicate(timeout=600)
@@ -57,6 +58,7 @@ def test_postgres_backs_a_shared_study_and_the_tracking_server(tmp_path, tiny_st
         monkeypatch.chdir(tmp_path)
         env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_EXPERIMENT_NAME": "cluster"}
         env.pop("MLFLOW_EXPERIMENT_ID", None)
+        MlflowClient(url).create_experiment("cluster")  # once, before the jobs (concurrent creation races)
         # folds 1 and 2 as two concurrent jobs (two machines in real life) logging to the server
         jobs = [_train_fold_job(tiny_store, k, env) for k in (1, 2)]
         # meanwhile an Optuna study on PostgreSQL with two workers
