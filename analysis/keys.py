@@ -43,6 +43,7 @@ P_PRETRAINED = "pretrained"
 P_N_SYNTHETIC = "n_synthetic"  # synthetic atypical crops per fold, or "balance"
 P_TIMM_NAME = "timm_name"  # the architecture the backbone name resolved to in the profile
 P_INPUT_SIZE = "input_size"
+P_AUGMENT = "augment"  # paper | flips | none
 TRAIN_CV_KEY = "train_cv_key"  # tag: hash of params + data digest + code; fold jobs join the parent with it
 FOLDS_DONE = "folds_done"  # tag on the parent: "1,2,..." the folds with a finished fold run
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from data_tools.atomic import replace_dir
 from data_tools.constants import ATYPICAL, NORMAL, UNLABELLED
 
 IMAGES, INDEX, MANIFEST = "images.npy", "index.parquet", "manifest.json"
@@ -147,13 +148,7 @@ def _finish(tmp: Path, out: Path, **meta) -> Store:
     }
     del images
     _write_json_atomic(tmp / MANIFEST, manifest)
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    replace_dir(tmp, out)
     return open_store(out)
 
 

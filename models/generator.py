@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
+
+from data_tools.atomic import atomic_dir
 
 N_CLASSES = 2  # 0 normal, 1 atypical (data_tools.constants)
 GENERATOR_META = "generator.json"
@@ -302,16 +301,5 @@ def new_generator(arch_name: str, image_size: int, num_train_timesteps: int = 10
 
 def _atomic_dir(out: Path, write) -> None:
     """Write a folder via a temporary sibling and a rename, so a kill never leaves half of it."""
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir(parents=True)
+    with atomic_dir(out) as tmp:
         write(tmp)
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

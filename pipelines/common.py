@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import contextlib
 import subprocess
 import warnings
@@ -18,12 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def code_version() -> str:
-    """The git commit of the project (plus '-dirty' for uncommitted changes), or 'unknown'."""
+    """The git commit of the project, plus a digest of uncommitted changes ("<sha>-dirty-<hash>"),
+    so that a reused run was made by exactly this code; "unknown" outside git."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
+        git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout  # noqa: E731
+        sha, diff = git("rev-parse", "HEAD").strip(), git("diff", "HEAD")
+        return sha + (f"-dirty-{hashlib.sha256(diff.encode()).hexdigest()[:10]}" if diff else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

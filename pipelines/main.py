@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--backbones", default=",".join(BACKBONES))
     args = p.parse_args(argv)
     cfg = resolve(keys.PREPARE_DATA, args.profile, {"source": args.source, "root": args.root})
+    sizes = resolve(keys.MAIN, args.profile, {})
     stores = Path(args.stores).resolve()
     started = time.time()
     with step_run(keys.MAIN, args.profile, run_name=f"workflow {args.profile}") as run:
@@ -91,12 +92,12 @@ def main(argv: list[str] | None = None) -> str:
         if not test_data and cfg["source"] == "demo":  # a held-out demo set: other seed, no CV pool
             test_data = str(stores / "demo_test")
             flow.step(keys.PREPARE_DATA, source="demo", out=test_data, folds="0",
-                      seed=str(int(cfg["seed"]) + 1), size=str(max(int(cfg.get("size", 1500)) // 3, 200)))
+                      seed=str(int(cfg["seed"]) + 1), size=str(sizes["test_size"]))
         pool = args.pool
         if not pool and cfg["source"] == "demo":  # pretraining never sees the CV pool: a pool of its own
             pool = str(stores / "demo_pool")
             flow.step(keys.PREPARE_DATA, source="demo", out=pool, folds="0", seed=str(int(cfg["seed"]) + 2),
-                      size="1000")
+                      size=str(sizes["pool_size"]))
         pool = pool or resolve(keys.GENERATOR_PRETRAIN, args.profile, {}).get("data", "")
         if not Path(pool).joinpath("manifest.json").is_file():
             raise SystemExit(f"no generator pretraining pool at {pool!r}: build one first, e.g. "

@@ -15,6 +15,7 @@ import yaml
 
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "demo": {
+        "main": {"pool_size": 1000, "test_size": 500},  # the demo's generator pool and held-out test set
         "prepare_data": {"source": "demo", "size": 1500, "folds": 5, "seed": 0, "on_error": "raise"},
         # generator: tiny VAE/DiT, few epochs, lr 1e-3 (the paper's 1e-4 is too slow for minutes on a CPU), the
         # VAE trained on 64 px crops and not fine-tuned, 100 synthetic atypical crops per fold (balancing would
@@ -31,7 +32,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                        "features": "descriptor", "device": "auto"},
         "train_cv": {"data": "stores/demo", "backbone": "convnext", "regime": "real_only", "synth_run_id": "",
                      "n_synthetic": "balance", "folds": "all", "epochs": 4, "batch_size": 32, "lr": None, "seed": 0,
-                     "pretrained": "none", "device": "auto", "workroot": ".train_cv_work"},
+                     "pretrained": "none", "device": "auto", "workroot": ".train_cv_work",
+                     # flips only: 4 epochs from a random init learn less under the paper's full augmentation
+                     "augment": "flips"},
         "evaluate": {"threshold": "0.5", "allow_overlap": "false", "device": "auto", "n_boot": 500, "batch_size": 128,
                      "tta": "false"},
         "tune": {"n_trials": 4, "n_workers": 1, "lr_min": 1e-4, "lr_max": 3e-3, "folds": "1,2", "epochs": 2},
@@ -56,7 +59,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                        "features": "descriptor", "device": "auto"},
         "train_cv": {"data": "stores/midog25", "backbone": "convnext", "regime": "real_only", "synth_run_id": "",
                      "n_synthetic": "balance", "folds": "all", "epochs": 25, "batch_size": 16, "lr": None, "seed": 42,
-                     "pretrained": "hub", "device": "auto", "workroot": ".train_cv_work"},
+                     "pretrained": "hub", "device": "auto", "workroot": ".train_cv_work", "augment": "paper"},
         "evaluate": {"threshold": "0.5", "allow_overlap": "false", "device": "auto", "n_boot": 2000, "batch_size": 128,
                      "tta": "false"},
         "tune": {"n_trials": 20, "n_workers": 1, "lr_min": 1e-6, "lr_max": 1e-3, "folds": "all", "epochs": 10},

@@ -29,7 +29,7 @@ from analysis import keys
 from data_tools.store import Store, open_store
 from models.training import TrainConfig, train_fold
 from pipelines.common import log_params, log_store, step_parser, step_run
-from pipelines.profiles import resolve
+from pipelines.profiles import base_profile, resolve
 from pipelines.train_cv import parse_folds
 
 STUDY_TAG = "optuna_study"
@@ -74,8 +74,8 @@ def finished_trials(study: optuna.Study) -> int:
 
 def objective(trial: optuna.Trial, cfg: TuneConfig, store: Store, study_run_id: str) -> float:
     lr = trial.suggest_float("lr", cfg.lr_min, cfg.lr_max, log=True)
-    train_cfg = TrainConfig(backbone=cfg.backbone, profile=cfg.profile, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                            lr=lr, seed=cfg.seed, device=cfg.device)
+    train_cfg = TrainConfig(backbone=cfg.backbone, profile=base_profile(cfg.profile), epochs=cfg.epochs,
+                            batch_size=cfg.batch_size, lr=lr, seed=cfg.seed, device=cfg.device)
     folds = parse_folds(cfg.folds, store.folds)
     scores: list[float] = []
     with mlflow.start_run(run_name=f"trial {trial.number}", nested=True, parent_run_id=study_run_id,

@@ -15,6 +15,7 @@ from services import mlflow_server
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = """
 base: demo
+main: {pool_size: 200, test_size: 150}
 prepare_data: {size: 300}
 generator_pretrain: {vae_epochs: 1, dit_epochs: 1}
 generator_finetune: {dit_epochs: 1}
@@ -30,7 +31,8 @@ def workflow(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("workflow")
     (tmp / "small.yaml").write_text(SMALL)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1"}  # tiny models: one thread each (see conftest.one_torch_thread)
     env.pop("MLFLOW_RUN_ID", None)
 
     def run():

@@ -1,0 +1,278 @@
+"""Training one cross-validation fold of a classifier (the paper's protocol).
+
+NAdam, cosine annealing with warm restarts every `restart_epochs` epochs (stepped per
+batch), BCE on one logit, validation AUROC picks the best epoch (BA at 0.5 beside it).
+Batches come from the store's uint8 memmap and are augmented as tensors on the device.
+
+Resumable: after every epoch the whole training state (model, optimizer, scheduler, RNG,
+history, best so far) is written atomically to `workdir/state.pt`; the best model lives in
+`workdir/best/` with its validation predictions. A restart with the same inputs continues
+after the last finished epoch. The data order and the augmentation of epoch e are drawn
+from seeds derived from (seed, fold, e), so a resumed run on the CPU repeats the
+uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from analysis import keys
+from analysis.metrics import binary_metrics
+from data_tools.augment import augment_and_preprocess, preprocess, preset
+from data_tools.batches import CropPool, concat_pools, iterate_batches, pool_from_store
+from data_tools.constants import ATYPICAL, NORMAL
+from data_tools.provenance import check_synthetic_for_fold
+from data_tools.store import Store
+from models.backbones import BackboneSpec, resolve_backbone
+from models.checkpoint import save_checkpoint
+from models.classifier import build_classifier, predict_logits
+
+STATE, BEST, BEST_PREDICTIONS = "state.pt", "best", "best_val_predictions.csv"
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = "convnext"
+    profile: str = "demo"
+    epochs: int = 4
+    batch_size: int = 32
+    lr: float | None = None  # None: the backbone's default
+    seed: int = 0
+    pretrained: str = "none"  # none | hub | path to a weights file
+    device: str = "auto"
+    restart_epochs: int = 5  # cosine annealing restarts every this many epochs
+    n_synthetic: int | None = None  # synthetic atypical crops per fold; None: as many as balance the classes
+    augment: str = "paper"  # paper | flips | none (data_tools.augment.PRESETS)
+    eval_batch_size: int = 128
+    prefetch: int = 2  # batches gathered ahead by a background thread
+
+    def spec(self) -> BackboneSpec:
+        return resolve_backbone(self.backbone, self.profile)
+
+    def learning_rate(self) -> float:
+        return float(self.lr) if self.lr is not None else self.spec().default_lr
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    best_val_auroc: float
+    best_val_ba: float
+    best_epoch: int
+    val_predictions: pd.DataFrame  # sample_id, label, prob, domain at the best epoch
+    checkpoint: Path  # folder: model.safetensors + config.json
+    history: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics, epoch 1 first
+    n_train_real: int = 0
+    n_train_synthetic: int = 0
+    n_val: int = 0
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def set_determinism() -> None:
+    """Deterministic kernels (warn where an op has none) so the same seed gives the same run."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
+def _derived_seed(*parts: int) -> int:
+    return int(np.random.default_rng([int(p) for p in parts]).integers(2 ** 62))
+
+
+def synthetic_rows(synthetic: Store, n: int, seed: int, k: int) -> np.ndarray:
+    """`n` of the synthetic store's atypical rows, a fixed random choice per (seed, fold)."""
+    atypical = np.flatnonzero(synthetic.index["label"].to_numpy() == ATYPICAL)
+    chosen = np.random.default_rng([seed, k, 0x5E]).permutation(atypical)[:n]
+    return np.sort(chosen)
+
+
+def fold_pools(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None) -> tuple[CropPool, CropPool, int]:
+    """Fold k's training pool (real + synthetic atypical crops) and its real-only validation pool."""
+    if k not in store.folds:
+        raise ValueError(f"fold {k} is not a fold of store {store.path} (folds {store.folds})")
+    train_rows, val_rows = store.fold_rows(k)
+    labels = store.index["label"].to_numpy()
+    for split, rows in (("training", train_rows), ("validation", val_rows)):
+        have = set(labels[rows].tolist())
+        if not {ATYPICAL, NORMAL} <= have:
+            raise ValueError(f"store {store.path}: fold {k}'s {split} split lacks a class (has labels {sorted(have)})")
+    train = pool_from_store(store, train_rows)
+    n_syn = 0
+    if synthetic is not None:
+        check_synthetic_for_fold(synthetic, store, k)
+        n_aty = int((labels[train_rows] == ATYPICAL).sum())
+        wanted = cfg.n_synthetic if cfg.n_synthetic is not None else max(0, len(train_rows) - 2 * n_aty)
+        available = int((synthetic.index["label"].to_numpy() == ATYPICAL).sum())
+        if wanted > available:
+            tqdm.write(f"fold {k}: {wanted} synthetic atypical crops wanted, the store has {available}; using all")
+        rows = synthetic_rows(synthetic, min(wanted, available), cfg.seed, k)
+        n_syn = len(rows)
+        if n_syn:
+            train = concat_pools(train, pool_from_store(synthetic, rows))
+    return train, pool_from_store(store, val_rows), n_syn
+
+
+def _fingerprint(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None, n_syn: int) -> str:
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+              if f.name not in ("device", "prefetch", "eval_batch_size")}
+    blob = json.dumps({"cfg": fields, "lr": cfg.learning_rate(), "data": store.digest, "fold": k,
+                       "synthetic": synthetic.digest if synthetic is not None else None, "n_syn": n_syn},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path, fingerprint: str) -> dict | None:
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("fingerprint") != fingerprint:
+        raise RuntimeError(f"{path} holds the state of a different training (fingerprint {state.get('fingerprint')} "
+                           f"!= {fingerprint}); delete {path.parent} to start this one afresh")
+    return state
+
+
+@torch.inference_mode()
+def predict_pool(model: torch.nn.Module, spec: BackboneSpec, pool: CropPool, device: torch.device,
+                 batch_size: int = 128) -> tuple[np.ndarray, float]:
+    """(probabilities [N], mean BCE loss) of the pool's crops, resize + normalise only."""
+    model.eval()
+    out = []
+    for images, _, _ in iterate_batches(pool, batch_size, prefetch=1, pin=device.type == "cuda"):
+        out.append(predict_logits(model, spec, images, device).float().cpu())
+    z = torch.cat(out)
+    loss = F.binary_cross_entropy_with_logits(z, torch.from_numpy(pool.labels)).item()
+    return torch.sigmoid(z).numpy(), loss
+
+
+def _train_epoch(model, opt, sched, pool: CropPool, spec: BackboneSpec, cfg: TrainConfig, device: torch.device,
+                 k: int, epoch: int) -> float:
+    model.train()
+    aug = preset(cfg.augment)
+    order = np.random.default_rng([cfg.seed, k, epoch]).permutation(len(pool))
+    gen = torch.Generator().manual_seed(_derived_seed(cfg.seed, k, epoch, 1))
+    cuda = device.type == "cuda"
+    total = torch.zeros((), device=device)
+    n_batches = math.ceil(len(pool) / cfg.batch_size)
+    bar = tqdm(iterate_batches(pool, cfg.batch_size, order, prefetch=cfg.prefetch, pin=cuda), total=n_batches,
+               desc=f"fold {k} epoch {epoch}/{cfg.epochs}", leave=False, mininterval=2.0)
+    for images, labels, _ in bar:
+        if aug is not None:
+            x = augment_and_preprocess(images, spec.input_size, spec.mean, spec.std, device, gen, aug)
+        else:
+            x = preprocess(images, spec.input_size, spec.mean, spec.std, device)
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            z = model(x).reshape(-1)
+        loss = F.binary_cross_entropy_with_logits(z.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += loss.detach() * len(y)
+    return float(total.item()) / len(pool)
+
+
+def train_fold(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None = None,
+               workdir: str | Path = ".train_work",
+               on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> FoldResult:
+    """Train fold k (resuming from `workdir` when it holds this training's state).
+
+    `on_epoch(epoch, metrics)` runs after every epoch (1-based) with train_loss, val_loss,
+    val_auroc, val_ba and lr; whatever it raises (e.g. optuna.TrialPruned) propagates.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec, device = cfg.spec(), resolve_device(cfg.device)
+    train_pool, val_pool, n_syn = fold_pools(cfg, store, k, synthetic)
+    fingerprint = _fingerprint(cfg, store, k, synthetic, n_syn)
+    state = _load_state(workdir / STATE, fingerprint)
+    if state and state.get("finished"):
+        return _result(k, state, workdir, train_pool, val_pool, n_syn)
+
+    set_determinism()
+    torch.manual_seed(_derived_seed(cfg.seed, k))
+    model = build_classifier(spec, "none" if state else cfg.pretrained).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.NAdam(model.parameters(), lr=cfg.learning_rate())
+    steps = math.ceil(len(train_pool) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=max(1, cfg.restart_epochs * steps))
+    history: list[dict[str, float]] = []
+    best = {"auroc": -math.inf, "ba": math.nan, "epoch": 0}
+    start = 1
+    if state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        history, best, start = state["history"], state["best"], state["epoch"] + 1
+        tqdm.write(f"fold {k}: resuming after epoch {state['epoch']} from {workdir / STATE}")
+
+    val_y = val_pool.labels.astype(np.int64)
+    for epoch in range(start, cfg.epochs + 1):
+        lr = opt.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        train_loss = _train_epoch(model, opt, sched, train_pool, spec, cfg, device, k, epoch)
+        probs, val_loss = predict_pool(model, spec, val_pool, device, cfg.eval_batch_size)
+        m = binary_metrics(val_y, probs, 0.5)
+        metrics = {keys.TRAIN_LOSS: train_loss, keys.VAL_LOSS: val_loss, keys.VAL_AUROC: m["auroc"],
+                   keys.VAL_BA: m["ba"], keys.LR: lr}
+        tqdm.write(f"fold {k} epoch {epoch}/{cfg.epochs}: train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
+                   f"val_auroc {m['auroc']:.4f} val_ba {m['ba']:.4f} ({time.perf_counter() - t0:.1f} s)")
+        if m["auroc"] > best["auroc"]:
+            best = {"auroc": m["auroc"], "ba": m["ba"], "epoch": epoch}
+            save_checkpoint(model, spec, workdir / BEST, extra={
+                "profile": cfg.profile, "backbone": cfg.backbone, "fold": k, "epoch": epoch, "seed": cfg.seed,
+                "val_auroc": m["auroc"], "val_ba": m["ba"], "data_digest": store.digest})
+            preds = val_pool.frame().assign(prob=probs.astype(np.float64))[["sample_id", "label", "prob", "domain"]]
+            tmp = workdir / (BEST_PREDICTIONS + ".tmp")
+            preds.to_csv(tmp, index=False)
+            os.replace(tmp, workdir / BEST_PREDICTIONS)
+        history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        _save_atomic({"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
+                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                      "torch_rng": torch.get_rng_state(), "history": history, "best": best}, workdir / STATE)
+
+    if best["epoch"] == 0:
+        raise RuntimeError(f"fold {k}: no epoch was trained (epochs={cfg.epochs})")
+    # finished: keep the history and the best model, drop the large training state
+    state = {"fingerprint": fingerprint, "epoch": cfg.epochs, "finished": True, "history": history, "best": best}
+    _save_atomic(state, workdir / STATE)
+    return _result(k, state, workdir, train_pool, val_pool, n_syn)
+
+
+def _result(k: int, state: dict, workdir: Path, train_pool: CropPool, val_pool: CropPool, n_syn: int) -> FoldResult:
+    best = state["best"]
+    return FoldResult(fold=k, best_val_auroc=float(best["auroc"]), best_val_ba=float(best["ba"]),
+                      best_epoch=int(best["epoch"]),
+                      val_predictions=pd.read_csv(workdir / BEST_PREDICTIONS, dtype={"sample_id": str}),
+                      checkpoint=workdir / BEST, history=list(state["history"]), n_train_real=len(train_pool) - n_syn,
+                      n_train_synthetic=n_syn, n_val=len(val_pool))

@@ -1,0 +1,230 @@
+"""evaluate: the fold ensemble of a train_cv run on a test store.
+
+Mean probability over the fold models; threshold `0.5` (the paper), a number, or `cv_ba`
+(the BA-optimal threshold on the pooled out-of-fold validation predictions, which the
+paper names as missing). Before predicting, the test store is checked against the
+training store for shared images; overlap is refused unless `allow_overlap`, and then the
+ids are logged. Metrics with bootstrap 95% intervals overall and per domain,
+`predictions.csv`, ROC and confusion-matrix figures.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from analysis import keys  # noqa: E402
+from analysis.metrics import METRICS, ba_optimal_threshold, bootstrap_metrics  # noqa: E402
+from data_tools.constants import ATYPICAL, NORMAL  # noqa: E402
+from data_tools.store import Store, open_store  # noqa: E402
+from models.ensemble import FoldEnsemble, finished_fold_runs  # noqa: E402
+from pipelines.common import log_params, log_store, pick_device, step_parser, step_run  # noqa: E402
+from pipelines.profiles import resolve  # noqa: E402
+
+
+class OverlapError(RuntimeError):
+    """The test store shares images with the training store."""
+
+
+@dataclass
+class EvaluateConfig:
+    train_run_id: str
+    test_data: str
+    threshold: str = "0.5"  # "0.5", any number in [0, 1], or "cv_ba"
+    allow_overlap: bool = False
+    device: str = "auto"
+    n_boot: int = 1000
+    batch_size: int = 64
+    tta: bool = False
+    profile: str = "demo"
+
+
+def oof_predictions(train_run_id: str) -> pd.DataFrame:
+    """The pooled out-of-fold validation predictions of a train_cv run's fold runs."""
+    parts = []
+    for k, run_id in sorted(finished_fold_runs(train_run_id).items()):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=keys.VAL_PREDICTIONS, dst_path=tmp)
+            parts.append(pd.read_csv(path, dtype={"sample_id": str}).assign(fold=k))
+    if not parts:
+        raise LookupError(f"train_cv run {train_run_id} has no finished fold runs")
+    return pd.concat(parts, ignore_index=True)
+
+
+def choose_threshold(spec: str, train_run_id: str) -> float:
+    if spec == "cv_ba":
+        oof = oof_predictions(train_run_id)
+        return ba_optimal_threshold(oof["label"].to_numpy(), oof["prob"].to_numpy())
+    try:
+        value = float(spec)
+    except ValueError:
+        raise ValueError(f"threshold must be a number in [0, 1] or 'cv_ba', got {spec!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"threshold must lie in [0, 1], got {value}")
+    return value
+
+
+def training_store(train_run_id: str) -> Store:
+    """The store the train_cv run trained on (its `data_path` tag), checked by digest."""
+    run = MlflowClient().get_run(train_run_id)
+    path, digest = run.data.tags.get("data_path"), run.data.params.get(keys.P_DATA_DIGEST)
+    if not path or not Path(path).joinpath("manifest.json").is_file():
+        raise FileNotFoundError(f"the training store of run {train_run_id} ({path!r}) is not here, so the test set "
+                                f"cannot be checked for overlap; make it available or pass allow_overlap=true")
+    store = open_store(path)
+    if digest and store.digest != digest:
+        raise ValueError(f"{path} changed since run {train_run_id} trained on it (digest {store.digest[:12]} != "
+                         f"{digest[:12]}); the overlap check would test the wrong data")
+    return store
+
+
+def find_test_overlap(train_run_id: str, test: Store, allow: bool) -> pd.DataFrame:
+    """Pairs (id_a: training, id_b: test) of shared images, by the foundation's overlap check."""
+    from data_tools.overlap import find_overlap
+
+    try:
+        train = training_store(train_run_id)
+    except FileNotFoundError:
+        if not allow:
+            raise
+        print(f"warning: the training store of {train_run_id} is not here; overlap not checked (allow_overlap)")
+        return pd.DataFrame(columns=["id_a", "id_b", "kind", "distance"])
+    return find_overlap(train, test)
+
+
+def domain_metrics(frame: pd.DataFrame, threshold: float, n_boot: int, seed: int = 0) -> dict[str, float]:
+    """test_<metric> (+ _ci95_lo/_hi) overall and per domain; undefined values are left out."""
+    out: dict[str, float] = {}
+    groups = [(None, frame)] + [(str(d), g) for d, g in frame.groupby("domain", sort=True)]
+    for domain, g in groups:
+        ci = bootstrap_metrics(g["label"].to_numpy(), g["prob"].to_numpy(), threshold, n_boot=n_boot, seed=seed)
+        for name in METRICS:
+            point, lo, hi = ci[name]
+            if np.isfinite(point):
+                out[keys.test_metric(name, domain)] = point
+            if np.isfinite(lo) and np.isfinite(hi):
+                out[keys.test_ci_metric(name, "lo", domain)] = lo
+                out[keys.test_ci_metric(name, "hi", domain)] = hi
+    return out
+
+
+def roc_figure(frame: pd.DataFrame, metrics: dict[str, float]):
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for domain, g in [(None, frame)] + list(frame.groupby("domain", sort=True)):
+        if g["label"].nunique() < 2:
+            continue
+        fpr, tpr, _ = roc_curve(g["label"], g["prob"])
+        auc = metrics.get(keys.test_metric("auroc", None if domain is None else str(domain)))
+        ax.plot(fpr, tpr, lw=2.2 if domain is None else 1, alpha=1 if domain is None else 0.7,
+                label=f"{'all' if domain is None else domain} ({auc:.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="Test ROC (AUROC)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(frame: pd.DataFrame, threshold: float):
+    y, pred = frame["label"].to_numpy(), (frame["prob"].to_numpy() >= threshold).astype(int)
+    cm = np.array([[np.sum((y == t) & (pred == p)) for p in (NORMAL, ATYPICAL)] for t in (NORMAL, ATYPICAL)])
+    fig, ax = plt.subplots(figsize=(4, 3.6))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["normal", "atypical"], yticklabels=["normal", "atypical"],
+           xlabel="predicted", ylabel="true", title=f"Confusion at threshold {threshold:.3f}")
+    fig.tight_layout()
+    return fig
+
+
+def run_evaluate(cfg: EvaluateConfig) -> str:
+    """Evaluate and log; returns the evaluate run id."""
+    test = open_store(cfg.test_data)
+    client = MlflowClient()
+    train = client.get_run(cfg.train_run_id)
+    if train.data.tags.get(keys.STEP) != keys.TRAIN_CV or keys.FOLD in train.data.tags:
+        raise ValueError(f"run {cfg.train_run_id} is not a train_cv parent run")
+    threshold = choose_threshold(cfg.threshold, cfg.train_run_id)
+    tags = {keys.TEST_SET: test.name, keys.BACKBONE: train.data.tags.get(keys.BACKBONE, ""),
+            keys.REGIME: train.data.tags.get(keys.REGIME, "")}
+    name = f"evaluate {tags[keys.BACKBONE]} / {tags[keys.REGIME]} on {test.name}"
+    with step_run(keys.EVALUATE, cfg.profile, run_name=name, tags=tags) as run:
+        given = mlflow.get_run(run.info.run_id).data.params  # `mlflow run` logged the declared flags as typed
+        log_params({keys.P_TRAIN_RUN_ID: cfg.train_run_id, keys.P_TEST_DIGEST: test.digest,
+                    keys.P_THRESHOLD: cfg.threshold, "n_boot": cfg.n_boot,
+                    **{k: str(v).lower() for k, v in (("allow_overlap", cfg.allow_overlap), ("tta", cfg.tta))
+                       if k not in given}})
+        log_store(test, "test")
+        with tempfile.TemporaryDirectory() as tmp:
+            overlap = find_test_overlap(cfg.train_run_id, test, cfg.allow_overlap)
+            mlflow.log_metrics({keys.P_THRESHOLD: threshold, keys.N_OVERLAP: float(overlap["id_b"].nunique())})
+            if len(overlap):
+                overlap.to_csv(Path(tmp) / "overlap.csv", index=False)
+                mlflow.log_artifact(str(Path(tmp) / "overlap.csv"))
+                if not cfg.allow_overlap:
+                    raise OverlapError(
+                        f"test store {test.path} shares {overlap['id_b'].nunique()} image(s) with the training store "
+                        f"(e.g. {overlap['id_b'].head(5).tolist()}; all in the run's overlap.csv); evaluate on a "
+                        f"disjoint test set, or pass allow_overlap=true to go on")
+                print(f"warning: {overlap['id_b'].nunique()} test images overlap the training store (allow_overlap)")
+            ensemble = FoldEnsemble.from_train_run(cfg.train_run_id, pick_device(cfg.device), dst=Path(tmp) / "folds")
+            prob = ensemble.predict_proba(test.images, batch_size=cfg.batch_size, tta=cfg.tta)
+            frame = test.index[["sample_id", "label", "domain"]].assign(prob=prob.astype(np.float64))
+            frame["pred"] = (frame["prob"] >= threshold).astype(int)
+            frame.to_csv(Path(tmp) / keys.PREDICTIONS, index=False)
+            mlflow.log_artifact(str(Path(tmp) / keys.PREDICTIONS))
+            mlflow.log_metric("n_folds", len(ensemble))
+            labelled = frame[frame["label"].isin([NORMAL, ATYPICAL])]
+            if len(labelled):
+                metrics = domain_metrics(labelled, threshold, cfg.n_boot)
+                mlflow.log_metrics(metrics)
+                mlflow.log_figure(roc_figure(labelled, metrics), "roc.png")
+                mlflow.log_figure(confusion_figure(labelled, threshold), "confusion.png")
+                plt.close("all")
+                shown = {m: metrics.get(keys.test_metric(m)) for m in METRICS}
+                print(f"{name}: threshold {threshold:.4f}; " + ", ".join(
+                    f"{m} {v:.4f} [{metrics.get(keys.test_ci_metric(m, 'lo')):.4f}, "
+                    f"{metrics.get(keys.test_ci_metric(m, 'hi')):.4f}]" for m, v in shown.items() if v is not None))
+            else:
+                print(f"{name}: the test store has no labels; predictions only")
+    return run.info.run_id
+
+
+def _flag(value) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "y")
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = step_parser(keys.EVALUATE, __doc__)
+    for name, help_ in (("train_run_id", "train_cv parent run"), ("test_data", "test store folder"),
+                        ("threshold", "0.5 | a number | cv_ba"), ("allow_overlap", "true: go on despite overlap"),
+                        ("device", "auto | cpu | cuda"), ("n_boot", "bootstrap resamples"),
+                        ("batch_size", ""), ("tta", "true: average over flips")):
+        p.add_argument(f"--{name}", default="", help=help_)
+    args = p.parse_args(argv)
+    c = resolve(keys.EVALUATE, args.profile, vars(args))
+    if not c.get("train_run_id") or not c.get("test_data"):
+        raise SystemExit("evaluate needs --train_run_id and --test_data")
+    cfg = EvaluateConfig(train_run_id=c["train_run_id"], test_data=c["test_data"], threshold=str(c["threshold"]),
+                         allow_overlap=_flag(c.get("allow_overlap", False)), device=str(c.get("device", "auto")),
+                         n_boot=int(c.get("n_boot", 1000)), batch_size=int(c.get("batch_size", 64)),
+                         tta=_flag(c.get("tta", False)), profile=args.profile)
+    run_id = run_evaluate(cfg)
+    print(json.dumps({"evaluate_run_id": run_id}))
+    return run_id
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""train_cv: learning, the MLflow contract, resume after SIGKILL, determinism, leakage
+refusals, synthetic balancing, `mlflow run`, and a short run on real AMi-Br crops."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from analysis import keys
+from conftest import shared_data
+from data_tools.demo import make_demo
+from data_tools.folds import assign_folds
+from data_tools.provenance import LeakageError, fold_train_ids, synthetic_provenance
+from data_tools.store import write_store
+from models.training import TrainConfig, train_fold
+from pipelines.train_cv import TrainCVConfig, run_train_cv
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLD_KEYS = (keys.TRAIN_LOSS, keys.VAL_LOSS, keys.VAL_AUROC, keys.VAL_BA, keys.LR)
+
+
+def _cfg(store, **kw) -> TrainCVConfig:
+    base = dict(data=str(store.path), backbone="convnext", folds="1", epochs=1, batch_size=32, seed=0,
+                augment="flips", profile="demo", workroot=".work")
+    return TrainCVConfig(**{**base, **kw})
+
+
+def _children(client, parent_id):
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def _assert_fold_run_contract(client, child, epochs):
+    m, t = child.data.metrics, child.data.tags
+    assert child.info.status == "FINISHED" and child.info.run_name == f"fold {t[keys.FOLD]}"
+    assert t[keys.BACKBONE] and t[keys.REGIME] and t[keys.STEP] == keys.TRAIN_CV
+    assert {keys.BEST_VAL_AUROC, keys.BEST_EPOCH, keys.BEST_VAL_BA, *FOLD_KEYS} <= set(m)
+    assert [x.step for x in client.get_metric_history(child.info.run_id, keys.VAL_AUROC)] == list(range(1, epochs + 1))
+    files = {f.path for f in client.list_artifacts(child.info.run_id)}
+    assert {keys.VAL_PREDICTIONS, keys.CHECKPOINT_DIR} <= files
+    ckpt = {f.path for f in client.list_artifacts(child.info.run_id, keys.CHECKPOINT_DIR)}
+    assert ckpt == {f"{keys.CHECKPOINT_DIR}/model.safetensors", f"{keys.CHECKPOINT_DIR}/config.json"}
+
+
+def test_training_learns_well_above_chance(demo_store, tmp_path):
+    cfg = TrainConfig(backbone="convnext", profile="demo", epochs=5, batch_size=16, seed=0, augment="flips")
+    result = train_fold(cfg, demo_store, 2, None, tmp_path)
+    assert result.best_val_auroc > 0.7, [h[keys.VAL_AUROC] for h in result.history]
+    preds = result.val_predictions
+    assert list(preds.columns[:3]) == ["sample_id", "label", "prob"] and len(preds) == result.n_val
+
+
+def test_mlflow_contract_parent_and_five_fold_runs(demo_store, tracking):
+    parent_id = run_train_cv(_cfg(demo_store, folds="all"))
+    client = MlflowClient()
+    found = client.search_runs([client.get_experiment_by_name("test").experiment_id],
+                               f"tags.step = 'train_cv' and tags.backbone = 'convnext' and tags.regime = 'real_only'")
+    parents = [r for r in found if keys.FOLD not in r.data.tags]
+    assert [p.info.run_id for p in parents] == [parent_id]
+    parent = parents[0]
+    assert parent.info.run_name == "convnext / real_only" and parent.info.status == "FINISHED"
+    p = parent.data.params
+    assert p[keys.P_FOLDS] == "1,2,3,4,5" and p[keys.P_DATA_DIGEST] == demo_store.digest
+    for key in (keys.P_BACKBONE, keys.P_REGIME, keys.P_EPOCHS, keys.P_BATCH_SIZE, keys.P_LR, keys.P_SEED,
+                keys.P_SYNTH_RUN_ID, keys.P_PRETRAINED):
+        assert key in p, key
+    assert parent.data.tags[keys.DATASET_DIGEST] == demo_store.digest
+    children = _children(client, parent_id)
+    assert sorted(c.data.tags[keys.FOLD] for c in children) == ["1", "2", "3", "4", "5"]
+    m = parent.data.metrics
+    aurocs = [m[keys.fold_metric(k, "auroc")] for k in range(1, 6)]
+    bas = [m[keys.fold_metric(k, "ba")] for k in range(1, 6)]
+    assert m[keys.CV_AUROC_MEAN] == pytest.approx(np.mean(aurocs)) and m[keys.CV_AUROC_STD] == pytest.approx(np.std(aurocs))
+    assert m[keys.CV_BA_MEAN] == pytest.approx(np.mean(bas)) and m[keys.CV_BA_STD] == pytest.approx(np.std(bas))
+    for child in children:
+        _assert_fold_run_contract(client, child, epochs=1)
+        assert m[keys.fold_metric(int(child.data.tags[keys.FOLD]), "auroc")] == child.data.metrics[keys.BEST_VAL_AUROC]
+    # the same command again: every fold is finished, nothing trains, no new runs
+    assert run_train_cv(_cfg(demo_store, folds="all")) == parent_id
+    assert len(_children(client, parent_id)) == 5
+
+
+def test_same_seed_same_run(demo_store, tmp_path):
+    cfg = TrainConfig(backbone="convnext", profile="demo", epochs=1, batch_size=32, seed=3, augment="paper")
+    a = train_fold(cfg, demo_store, 4, None, tmp_path / "a")
+    b = train_fold(cfg, demo_store, 4, None, tmp_path / "b")
+    assert a.history == b.history
+    assert (tmp_path / "a/best/model.safetensors").read_bytes() == (tmp_path / "b/best/model.safetensors").read_bytes()
+
+
+def _fold_curve(client, run_id):
+    return {m.step: m.value for m in client.get_metric_history(run_id, keys.VAL_AUROC)}
+
+
+def test_resume_after_sigkill_ends_like_an_uninterrupted_run(demo_store, tracking, tmp_path):
+    args = ["--data", str(demo_store.path), "--folds", "3", "--epochs", "3", "--batch_size", "32", "--seed", "1",
+            "--augment", "paper", "--workroot", str(tmp_path / "work")]
+    env = {**os.environ, "MLFLOW_EXPERIMENT_NAME": "killed"}
+    job = subprocess.Popen([sys.executable, "-m", "pipelines.train_cv", *args], env=env, cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=open(tmp_path / "job.err", "w"))
+    deadline = time.time() + 300
+    while time.time() < deadline and job.poll() is None:
+        states = list((tmp_path / "work").glob("*/fold3/state.pt"))
+        if states and not states[0].with_suffix(".pt.tmp").exists():
+            try:
+                epoch = torch.load(states[0], weights_only=False)["epoch"]
+            except (EOFError, RuntimeError, FileNotFoundError):
+                continue
+            if epoch >= 1:
+                job.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.05)
+    job.wait()
+    assert job.returncode == -signal.SIGKILL, (tmp_path / "job.err").read_text()[-3000:]
+    client = MlflowClient()
+    [killed_fold] = client.search_runs([client.get_experiment_by_name("killed").experiment_id], "tags.fold = '3'")
+    assert killed_fold.info.status == "RUNNING"
+    # started again with the same parameters: it continues the same fold run from its epoch checkpoint
+    again = subprocess.run([sys.executable, "-m", "pipelines.train_cv", *args], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming after epoch" in again.stdout + again.stderr
+    resumed = client.get_run(killed_fold.info.run_id)
+    assert resumed.info.status == "FINISHED"
+    # the reference: the same training uninterrupted, in another experiment and work folder
+    mlflow.set_experiment("reference")
+    ref_parent = run_train_cv(_cfg(demo_store, folds="3", epochs=3, seed=1, augment="paper",
+                                   workroot=str(tmp_path / "ref")))
+    [ref] = _children(client, ref_parent)
+    assert _fold_curve(client, resumed.info.run_id) == _fold_curve(client, ref.info.run_id)
+    for key in (keys.BEST_VAL_AUROC, keys.BEST_VAL_BA, keys.BEST_EPOCH):
+        assert resumed.data.metrics[key] == ref.data.metrics[key]
+
+
+def _synthesize_run(stores: dict[int, str]) -> str:
+    with mlflow.start_run(run_name="synthesize (test)", tags={keys.STEP: keys.SYNTHESIZE}) as run:
+        mlflow.log_params({keys.synth_store_param(k): path for k, path in stores.items()})
+    return run.info.run_id
+
+
+def _synthetic_store(path, real, k, train_ids, n=40, fold=None, real_store=None):
+    images, index = make_demo(n, seed=7)
+    index = index.assign(label=1, sample_id=[f"syn{k}_{i}" for i in range(n)], source="synthetic", fold=-1)
+    prov = synthetic_provenance(real_store or real, fold or k, "gen-run", train_ids)
+    return write_store(path, images, index, name=f"synthetic fold {k}", adapter="synthetic", provenance=prov)
+
+
+def test_leaking_or_foreign_synthetic_stores_are_refused(demo_store, tracking, tmp_path):
+    k = 1
+    train_ids = fold_train_ids(demo_store, k)
+    val_id = demo_store.index["sample_id"][demo_store.fold_rows(k)[1][0]]
+    other_images, other_index = make_demo(60, seed=3)
+    other_index, _ = assign_folds(other_index, 2, 0)
+    other_real = write_store(tmp_path / "other_real", other_images, other_index, name="other", adapter="demo")
+    bad = {
+        "saw a validation id": _synthetic_store(tmp_path / "leak", demo_store, k, train_ids + [val_id]),
+        "made for fold 2": _synthetic_store(tmp_path / "fold2", demo_store, k, train_ids, fold=2),
+        "another real store": _synthetic_store(tmp_path / "foreign", demo_store, k, train_ids, real_store=other_real),
+    }
+    for why, store in bad.items():
+        cfg = _cfg(demo_store, regime=keys.SYNTH_BALANCED, synth_run_id=_synthesize_run({k: str(store.path)}))
+        with pytest.raises(LeakageError):
+            run_train_cv(cfg)
+        assert not Path(".work").exists(), f"{why}: training started before the refusal"
+    with pytest.raises(ValueError, match="needs synth_run_id"):
+        run_train_cv(_cfg(demo_store, regime=keys.SYNTH_BALANCED))
+
+
+def test_synth_balanced_adds_fold_k_synthetic_atypical_crops(demo_store, tracking, tmp_path):
+    k = 2
+    good = _synthetic_store(tmp_path / "good", demo_store, k, fold_train_ids(demo_store, k), n=30)
+    parent = run_train_cv(_cfg(demo_store, folds=str(k), regime=keys.SYNTH_BALANCED,
+                               synth_run_id=_synthesize_run({k: str(good.path)})))
+    [child] = _children(MlflowClient(), parent)
+    p = child.data.params
+    assert p["n_train_synthetic"] == "30"  # balancing wants more than the store has: all 30, no more
+    assert child.data.tags["synthetic_digest"] == good.digest
+    val = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=child.info.run_id, artifact_path=keys.VAL_PREDICTIONS))
+    assert not val["sample_id"].str.startswith("syn").any() and len(val) == int(p["n_val"])
+
+
+def test_mlflow_run_from_the_command_line(demo_store, tracking, tmp_path):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    out = subprocess.run(["mlflow", "run", str(ROOT), "-e", "train_cv", "--env-manager", "local",
+                          "--experiment-name", "cli", "-P", f"data={demo_store.path}", "-P", "folds=1,2",
+                          "-P", "epochs=1", "-P", "backbone=lunit", "-P", f"workroot={tmp_path / 'w'}"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    client = MlflowClient()
+    [parent] = [r for r in client.search_runs([client.get_experiment_by_name("cli").experiment_id], "")
+                if keys.FOLD not in r.data.tags]
+    assert parent.info.status == "FINISHED" and parent.data.params[keys.P_FOLDS] == "1,2"
+    assert parent.data.params[keys.P_TIMM_NAME].startswith("vit_") and parent.data.params[keys.P_INPUT_SIZE] == "64"
+    assert sorted(c.data.tags[keys.FOLD] for c in _children(client, parent.info.run_id)) == ["1", "2"]
+    assert keys.CV_AUROC_MEAN in parent.data.metrics
+
+
+def test_real_amibr_subset_trains_and_logs_every_key(tracking, tmp_path):
+    root = shared_data("amibr")
+    table = pd.read_csv(root / "amibr_train_split.csv")
+    rng = np.random.default_rng(0)
+    picks = pd.concat([table[table["final_label"] == "Atypical"].sample(40, random_state=0),
+                       table[table["final_label"] == "Normal"].sample(80, random_state=0)])
+    images = np.stack([np.asarray(Image.open(root / row.final_label / row.dataset_uid).convert("RGB"))
+                       for row in picks.itertuples()])
+    index = pd.DataFrame({"sample_id": picks["dataset_uid"].str.removesuffix(".png"),
+                          "label": (picks["final_label"] == "Atypical").astype(int), "domain": picks["dataset"],
+                          "group": picks["slide"], "source": "amibr", "fold": -1})
+    index, split = assign_folds(index, 3, int(rng.integers(100)))
+    store = write_store(tmp_path / "amibr_subset", images, index, name="amibr_subset", adapter="amibr", split=split)
+    parent_id = run_train_cv(_cfg(store, folds="1", epochs=1, batch_size=16))
+    client = MlflowClient()
+    m = client.get_run(parent_id).data.metrics
+    assert {keys.fold_metric(1, "auroc"), keys.fold_metric(1, "ba"), keys.CV_AUROC_MEAN, keys.CV_AUROC_STD,
+            keys.CV_BA_MEAN, keys.CV_BA_STD} <= set(m)
+    [child] = _children(client, parent_id)
+    _assert_fold_run_contract(client, child, epochs=1)
+    assert 0.0 <= m[keys.CV_AUROC_MEAN] <= 1.0
