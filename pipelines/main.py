@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--stores", default="stores", help="folder for the stores the workflow writes")
     p.add_argument("--backbones", default=",".join(BACKBONES))
     args = p.parse_args(argv)
+    if Path(args.profile).is_file():  # steps run in the project folder: give them the file's absolute path
+        args.profile = str(Path(args.profile).resolve())
     cfg = resolve(keys.PREPARE_DATA, args.profile, {"source": args.source, "root": args.root})
     sizes = resolve(keys.MAIN, args.profile, {})
     stores = Path(args.stores).resolve()
