@@ -28,6 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLD_KEYS = (keys.TRAIN_LOSS, keys.VAL_LOSS, keys.VAL_AUROC, keys.VAL_BA, keys.LR)
 
 
+def _env(**extra) -> dict:
+    """The subprocess environment: this test's tracking store, one torch thread like the tests'
+    own process (conftest), and not the experiment id that set_experiment("test") exported."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}
+    return {**env, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{env['PATH']}", **extra}
+
+
 def _cfg(store, **kw) -> TrainCVConfig:
     base = dict(data=str(store.path), backbone="convnext", folds="1", epochs=1, batch_size=32, seed=0,
                 augment="flips", profile="demo", workroot=".work")
@@ -104,7 +111,7 @@ def _fold_curve(client, run_id):
 def test_resume_after_sigkill_ends_like_an_uninterrupted_run(demo_store, tracking, tmp_path):
     args = ["--data", str(demo_store.path), "--folds", "3", "--epochs", "3", "--batch_size", "32", "--seed", "1",
             "--augment", "paper", "--workroot", str(tmp_path / "work")]
-    env = {**os.environ, "MLFLOW_EXPERIMENT_NAME": "killed"}
+    env = _env(MLFLOW_EXPERIMENT_NAME="killed")  # one thread, as in-process: the same numerics
     job = subprocess.Popen([sys.executable, "-m", "pipelines.train_cv", *args], env=env, cwd=ROOT,
                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "job.err", "w"))
     deadline = time.time() + 300
@@ -189,7 +196,7 @@ def test_synth_balanced_adds_fold_k_synthetic_atypical_crops(demo_store, trackin
 
 
 def test_mlflow_run_from_the_command_line(demo_store, tracking, tmp_path):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = _env()
     out = subprocess.run(["mlflow", "run", str(ROOT), "-e", "train_cv", "--env-manager", "local",
                           "--experiment-name", "cli", "-P", f"data={demo_store.path}", "-P", "folds=1,2",
                           "-P", "epochs=1", "-P", "backbone=lunit", "-P", f"workroot={tmp_path / 'w'}"],
