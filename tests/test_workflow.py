@@ -33,7 +33,8 @@ def workflow(tmp_path_factory):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1"}  # tiny models: one thread each (see conftest.one_torch_thread)
-    env.pop("MLFLOW_RUN_ID", None)
+    for leaked in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):  # set by other tests' runs
+        env.pop(leaked, None)
 
     def run():
         return subprocess.run([sys.executable, "-m", "pipelines.main", "--profile", str(tmp / "small.yaml"),
