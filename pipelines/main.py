@@ -49,7 +49,8 @@ class Workflow:
 
     def step(self, step: str, data: str | None = None, **params: str) -> str:
         """Run one entry point (or reuse its finished run); returns the run id."""
-        params = {"profile": self.profile, **{k: str(v) for k, v in params.items() if v not in (None, "")}}
+        params = {"profile": self.profile, **({"data": data} if data else {}),
+                  **{k: str(v) for k, v in params.items() if v not in (None, "")}}
         label = f"{step}({', '.join(f'{k}={v}' for k, v in params.items() if k != 'profile')})"
         reused = self.finished_run(step, params, data)
         if reused:
