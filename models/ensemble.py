@@ -63,7 +63,7 @@ class FoldEnsemble:
             raise ValueError(f"expected uint8 crops [N, H, W, 3], got {images.dtype} {images.shape}")
         out = np.empty(len(images), np.float32)
         for s in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size]))
+            batch = torch.from_numpy(np.array(images[s:s + batch_size]))  # a writable copy of the slice
             probs = [torch.sigmoid(predict_logits(m, spec, batch, self.device, tta)) for m, spec in
                      zip(self.models, self.specs)]
             out[s:s + len(batch)] = torch.stack(probs).mean(0).cpu().numpy()

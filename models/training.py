@@ -177,13 +177,16 @@ def _train_epoch(model, opt, sched, pool: CropPool, spec: BackboneSpec, cfg: Tra
     cuda = device.type == "cuda"
     total = torch.zeros((), device=device)
     n_batches = math.ceil(len(pool) / cfg.batch_size)
+
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        if aug is None:
+            return preprocess(images, spec.input_size, spec.mean, spec.std, device)
+        return augment_and_preprocess(images, spec.input_size, spec.mean, spec.std, device, gen, aug)
+
     bar = tqdm(iterate_batches(pool, cfg.batch_size, order, prefetch=cfg.prefetch, pin=cuda), total=n_batches,
                desc=f"fold {k} epoch {epoch}/{cfg.epochs}", leave=False, mininterval=2.0)
     for images, labels, _ in bar:
-        if aug is not None:
-            x = augment_and_preprocess(images, spec.input_size, spec.mean, spec.std, device, gen, aug)
-        else:
-            x = preprocess(images, spec.input_size, spec.mean, spec.std, device)
+        x = prepare(images)  # in the step's thread: a second thread would fight the model's threads on a CPU
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels.to(device, non_blocking=True)

@@ -149,6 +149,13 @@ def confusion_figure(frame: pd.DataFrame, threshold: float):
     return fig
 
 
+def _shown(metrics: dict[str, float], name: str) -> str:
+    value, lo, hi = (metrics.get(k) for k in (keys.test_metric(name), keys.test_ci_metric(name, "lo"),
+                                              keys.test_ci_metric(name, "hi")))
+    text = f"{name} {value:.4f}" if value is not None else f"{name} n/a"
+    return text + (f" [{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else "")
+
+
 def run_evaluate(cfg: EvaluateConfig) -> str:
     """Evaluate and log; returns the evaluate run id."""
     test = open_store(cfg.test_data)
@@ -193,10 +200,7 @@ def run_evaluate(cfg: EvaluateConfig) -> str:
                 mlflow.log_figure(roc_figure(labelled, metrics), "roc.png")
                 mlflow.log_figure(confusion_figure(labelled, threshold), "confusion.png")
                 plt.close("all")
-                shown = {m: metrics.get(keys.test_metric(m)) for m in METRICS}
-                print(f"{name}: threshold {threshold:.4f}; " + ", ".join(
-                    f"{m} {v:.4f} [{metrics.get(keys.test_ci_metric(m, 'lo')):.4f}, "
-                    f"{metrics.get(keys.test_ci_metric(m, 'hi')):.4f}]" for m, v in shown.items() if v is not None))
+                print(f"{name}: threshold {threshold:.4f}; " + ", ".join(_shown(metrics, m) for m in METRICS))
             else:
                 print(f"{name}: the test store has no labels; predictions only")
     return run.info.run_id
