@@ -69,7 +69,7 @@ def test_a_second_main_reuses_every_finished_step(workflow):
     before = len(client.search_runs([client.get_experiment_by_name("Default").experiment_id], "", max_results=1000))
     again = run()
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("[main] reuse") == 14 and "[main] run " not in again.stdout
+    assert again.stdout.count("[main] reuse") == 15 and "[main] run " not in again.stdout
     after = client.search_runs([client.get_experiment_by_name("Default").experiment_id], "", max_results=1000)
     assert len(after) == before + 1  # only the new workflow run itself
 
