@@ -33,6 +33,7 @@ def trained(demo_store, tmp_path_factory):
         mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
         mp.chdir(tmp)
         mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("evaluate")  # not the experiment id another test's store made active
         run_id = run_train_cv(TrainCVConfig(data=str(demo_store.path), folds="1,2", epochs=1, augment="flips",
                                             workroot=str(tmp / "work")))
     images, index = make_demo(120, seed=11)
@@ -47,6 +48,8 @@ def tracked(trained, monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("evaluate")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     return run_id, test
 
 
