@@ -46,6 +46,11 @@ P_INPUT_SIZE = "input_size"
 P_AUGMENT = "augment"  # paper | flips | none
 TRAIN_CV_KEY = "train_cv_key"  # tag: hash of params + data digest + code; fold jobs join the parent with it
 FOLDS_DONE = "folds_done"  # tag on the parent: "1,2,..." the folds with a finished fold run
+DATA_PATH = "data_path"  # tag on the parent: where the training store was (evaluate's overlap check opens it)
+DEVICE = "device"  # tag on a fold run: the device it trained on
+P_N_TRAIN_REAL = "n_train_real"  # fold run params: the crops of its training and validation split
+P_N_TRAIN_SYNTHETIC = "n_train_synthetic"
+P_N_VAL = "n_val"
 
 # train_cv parent metrics
 CV_AUROC_MEAN = "cv_auroc_mean"

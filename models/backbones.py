@@ -33,7 +33,8 @@ class BackboneSpec:
     def from_dict(cls, d: dict[str, Any]) -> "BackboneSpec":
         d = dict(d)
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
-        d["model_kwargs"] = {k: tuple(v) if isinstance(v, list) else v for k, v in (d.get("model_kwargs") or {}).items()}
+        kwargs = d.get("model_kwargs") or {}
+        d["model_kwargs"] = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
         return cls(**d)
 
 

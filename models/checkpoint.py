@@ -24,7 +24,8 @@ class CheckpointError(ValueError):
     """A checkpoint folder is missing, incomplete, or does not fit its architecture."""
 
 
-def save_checkpoint(model: nn.Module, spec: BackboneSpec, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(model: nn.Module, spec: BackboneSpec, folder: str | Path,
+                    extra: dict[str, Any] | None = None) -> Path:
     """Write the folder next to its final place, then rename it in (a kill leaves the old one)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -55,7 +56,8 @@ def read_config(folder: str | Path) -> tuple[BackboneSpec, dict[str, Any]]:
     return BackboneSpec.from_dict(config["spec"]), config.get("extra", {})
 
 
-def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, BackboneSpec, dict[str, Any]]:
+def load_checkpoint(folder: str | Path,
+                    device: str | torch.device = "cpu") -> tuple[nn.Module, BackboneSpec, dict[str, Any]]:
     """(model in eval mode on `device`, its spec, the extra dict); no network needed."""
     spec, extra = read_config(folder)
     model = build_classifier(spec, pretrained="none")

@@ -51,7 +51,8 @@ def _how_to(spec: BackboneSpec) -> str:
     hub = (spec.hub_id or "").removeprefix("hf-hub:")
     get = (f"Download it on a machine with internet (`huggingface-cli download {hub} model.safetensors`) "
            f"and pass pretrained=<path to the file>, " if hub else
-           f"No hub weights are registered for {spec.name} ({spec.timm_name}); pass pretrained=<path to a weights file>, ")
+           f"No hub weights are registered for {spec.name} ({spec.timm_name}); "
+           f"pass pretrained=<path to a weights file>, ")
     return get + "or pass pretrained=none to train from a random init on purpose."
 
 

@@ -76,9 +76,9 @@ def choose_threshold(spec: str, train_run_id: str) -> float:
 
 
 def training_store(train_run_id: str) -> Store:
-    """The store the train_cv run trained on (its `data_path` tag), checked by digest."""
+    """The store the train_cv run trained on (its data path tag), checked by digest."""
     run = MlflowClient().get_run(train_run_id)
-    path, digest = run.data.tags.get("data_path"), run.data.params.get(keys.P_DATA_DIGEST)
+    path, digest = run.data.tags.get(keys.DATA_PATH), run.data.params.get(keys.P_DATA_DIGEST)
     if not path or not Path(path).joinpath("manifest.json").is_file():
         raise FileNotFoundError(f"the training store of run {train_run_id} ({path!r}) is not here, so the test set "
                                 f"cannot be checked for overlap; make it available or pass allow_overlap=true")
@@ -142,7 +142,8 @@ def confusion_figure(frame: pd.DataFrame, threshold: float):
     ax.imshow(cm, cmap="Blues")
     for i in range(2):
         for j in range(2):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
     ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["normal", "atypical"], yticklabels=["normal", "atypical"],
            xlabel="predicted", ylabel="true", title=f"Confusion at threshold {threshold:.3f}")
     fig.tight_layout()

@@ -212,7 +212,7 @@ def run_fold(cfg: TrainCVConfig, store: Store, k: int, synthetic: Store | None, 
     """One nested fold run: train (or resume, or reuse the work folder), log curves and artifacts."""
     client = MlflowClient()
     tags = {keys.STEP: keys.TRAIN_CV, keys.PROFILE: cfg.profile, keys.BACKBONE: cfg.backbone,
-            keys.REGIME: cfg.regime, keys.FOLD: str(k), keys.CODE_VERSION: code_version(), "device": cfg.device}
+            keys.REGIME: cfg.regime, keys.FOLD: str(k), keys.CODE_VERSION: code_version(), keys.DEVICE: cfg.device}
     with mlflow.start_run(run_id=resume_run_id, run_name=f"fold {k}", parent_run_id=parent_id, nested=True,
                           tags=tags) as run:
         mlflow.set_tag(keys.DATASET_DIGEST, store.digest)
@@ -221,8 +221,8 @@ def run_fold(cfg: TrainCVConfig, store: Store, k: int, synthetic: Store | None, 
         result = train_fold(cfg.train_config(), store, k, synthetic, workdir,
                             on_epoch=lambda epoch, m: mlflow.log_metrics(m, step=epoch))
         _log_missing_epochs(client, run.info.run_id, result)
-        log_params({"n_train_real": result.n_train_real, "n_train_synthetic": result.n_train_synthetic,
-                    "n_val": result.n_val})
+        log_params({keys.P_N_TRAIN_REAL: result.n_train_real, keys.P_N_TRAIN_SYNTHETIC: result.n_train_synthetic,
+                    keys.P_N_VAL: result.n_val})
         mlflow.log_metrics({keys.BEST_VAL_AUROC: result.best_val_auroc, keys.BEST_VAL_BA: result.best_val_ba,
                             keys.BEST_EPOCH: result.best_epoch})
         mlflow.log_artifacts(str(result.checkpoint), keys.CHECKPOINT_DIR)
@@ -240,16 +240,21 @@ def run_train_cv(cfg: TrainCVConfig) -> str:
     synthetic = synthetic_stores(cfg, store, folds)  # refuses leaking stores before anything runs
     key = experiment_key(cfg, store)
     under_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))
-    # the parent's scope: under `mlflow run` the folds asked for, else every fold (jobs join it)
-    scope = cfg.folds if under_mlflow_run and str(cfg.folds) not in ("", "all") else ",".join(map(str, store.folds))
+    # the parent's scope: under `mlflow run` the folds asked for, else every fold (jobs join it);
+    # a parent that has its folds param already (joined, or given as -P folds=...) keeps it
+    scope = ",".join(map(str, folds if under_mlflow_run else store.folds))
     parent_id = open_parent(cfg, store, key)
     client = MlflowClient()
+    params = parent_params(cfg, store, scope)
+    if keys.P_FOLDS in client.get_run(parent_id).data.params:
+        params.pop(keys.P_FOLDS)
     nested = mlflow.active_run() is not None and mlflow.active_run().info.run_id != parent_id
     tags = {keys.STEP: keys.TRAIN_CV, keys.PROFILE: cfg.profile, keys.CODE_VERSION: code_version(),
-            keys.BACKBONE: cfg.backbone, keys.REGIME: cfg.regime, keys.TRAIN_CV_KEY: key, "data_path": str(cfg.data)}
+            keys.BACKBONE: cfg.backbone, keys.REGIME: cfg.regime, keys.TRAIN_CV_KEY: key,
+            keys.DATA_PATH: str(Path(cfg.data).resolve())}
     with mlflow.start_run(run_id=parent_id, nested=nested, tags=tags):
         mlflow.set_tag("mlflow.runName", run_name(cfg))
-        log_params(parent_params(cfg, store, scope))
+        log_params(params)
         if client.get_run(parent_id).data.tags.get(keys.DATASET_DIGEST) != store.digest:
             log_store(store, "training")
         for k in folds:
@@ -297,7 +302,8 @@ def main(argv: list[str] | None = None) -> str:
     parent = run_train_cv(cfg)
     summary = MlflowClient().get_run(parent).data.metrics
     if keys.CV_AUROC_MEAN in summary:
-        print(f"train_cv {run_name(cfg)}: CV AUROC {summary[keys.CV_AUROC_MEAN]:.4f} +- {summary[keys.CV_AUROC_STD]:.4f}, "
+        print(f"train_cv {run_name(cfg)}: CV AUROC {summary[keys.CV_AUROC_MEAN]:.4f} "
+              f"+- {summary[keys.CV_AUROC_STD]:.4f}, "
               f"BA {summary[keys.CV_BA_MEAN]:.4f} +- {summary[keys.CV_BA_STD]:.4f} (run {parent})")
     print(json.dumps({"config": asdict(cfg), "parent_run_id": parent}, default=str))
     return parent

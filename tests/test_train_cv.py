@@ -70,7 +70,7 @@ def test_mlflow_contract_parent_and_five_fold_runs(demo_store, tracking):
     parent_id = run_train_cv(_cfg(demo_store, folds="all"))
     client = MlflowClient()
     found = client.search_runs([client.get_experiment_by_name("test").experiment_id],
-                               f"tags.step = 'train_cv' and tags.backbone = 'convnext' and tags.regime = 'real_only'")
+                               "tags.step = 'train_cv' and tags.backbone = 'convnext' and tags.regime = 'real_only'")
     parents = [r for r in found if keys.FOLD not in r.data.tags]
     assert [p.info.run_id for p in parents] == [parent_id]
     parent = parents[0]
@@ -86,7 +86,8 @@ def test_mlflow_contract_parent_and_five_fold_runs(demo_store, tracking):
     m = parent.data.metrics
     aurocs = [m[keys.fold_metric(k, "auroc")] for k in range(1, 6)]
     bas = [m[keys.fold_metric(k, "ba")] for k in range(1, 6)]
-    assert m[keys.CV_AUROC_MEAN] == pytest.approx(np.mean(aurocs)) and m[keys.CV_AUROC_STD] == pytest.approx(np.std(aurocs))
+    assert m[keys.CV_AUROC_MEAN] == pytest.approx(np.mean(aurocs))
+    assert m[keys.CV_AUROC_STD] == pytest.approx(np.std(aurocs))  # population SD
     assert m[keys.CV_BA_MEAN] == pytest.approx(np.mean(bas)) and m[keys.CV_BA_STD] == pytest.approx(np.std(bas))
     for child in children:
         _assert_fold_run_contract(client, child, epochs=1)
@@ -189,10 +190,10 @@ def test_synth_balanced_adds_fold_k_synthetic_atypical_crops(demo_store, trackin
                                synth_run_id=_synthesize_run({k: str(good.path)})))
     [child] = _children(MlflowClient(), parent)
     p = child.data.params
-    assert p["n_train_synthetic"] == "30"  # balancing wants more than the store has: all 30, no more
+    assert p[keys.P_N_TRAIN_SYNTHETIC] == "30"  # balancing wants more than the store has: all 30, no more
     assert child.data.tags["synthetic_digest"] == good.digest
     val = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=child.info.run_id, artifact_path=keys.VAL_PREDICTIONS))
-    assert not val["sample_id"].str.startswith("syn").any() and len(val) == int(p["n_val"])
+    assert not val["sample_id"].str.startswith("syn").any() and len(val) == int(p[keys.P_N_VAL])
 
 
 def test_mlflow_run_from_the_command_line(demo_store, tracking, tmp_path):
