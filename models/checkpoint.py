@@ -3,13 +3,11 @@ spec and whatever the trainer adds), enough to rebuild it offline, written atomi
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
+from data_tools.atomic import atomic_dir
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -29,22 +27,11 @@ def save_checkpoint(model: nn.Module, spec: BackboneSpec, folder: str | Path,
     """Write the folder next to its final place, then rename it in (a kill leaves the old one)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(folder) as tmp:
         state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": str(FORMAT)})
         config = {"format": FORMAT, "spec": spec.to_dict(), "extra": extra or {}}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=str))
-        if folder.exists():
-            trash = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(folder, trash)
-            os.replace(tmp, folder)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
