@@ -5,11 +5,13 @@ import argparse
 import hashlib
 import contextlib
 import subprocess
+import time
 import warnings
 from pathlib import Path
 from typing import Iterator
 
 import mlflow
+from mlflow.exceptions import MlflowException
 import torch
 
 from analysis import keys
@@ -54,7 +56,16 @@ def log_store(store: Store, context: str) -> None:
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(store.index, source=str(store.path.resolve()), name=store.name,
                                           digest=store.digest[:32])
-        mlflow.log_input(dataset, context=context)
+        for attempt in range(3):
+            try:
+                mlflow.log_input(dataset, context=context)
+                return
+            except MlflowException:
+                # concurrent jobs registering the same dataset race on the server's unique key;
+                # the loser's retry finds the winner's row
+                if attempt == 2:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -9,7 +9,10 @@ parent is found by a key, a hash of everything that defines the experiment (para
 data digest, code version): fold jobs started separately (`--folds 1`, `--folds 2`, on
 other machines logging to one tracking server) join one parent, and the same command run
 again continues it: finished folds are skipped. Two jobs that start at the same moment
-may both create a parent; each then keeps the oldest and deletes its own empty one.
+may both create a parent; each then keeps the oldest and deletes its own empty one. A run
+becomes visible only when the tracking store commits it, which can lag its start time, so
+the oldest is trusted only once it is `PARENT_SETTLE_S` seconds old (clocks of the machines
+must agree to within that).
 
 Work folder: `<workroot>/<key>/fold<k>` (default `./.train_cv_work`), on local disk,
 not in the artifact store: per-epoch state is large and written often. A killed fold
@@ -38,6 +41,7 @@ from pipelines.common import code_version, log_params, log_store, step_parser
 from pipelines.profiles import base_profile, resolve
 
 PARENT_RUN = "mlflow.parentRunId"
+PARENT_SETTLE_S = 3.0
 
 
 @dataclass
@@ -137,6 +141,18 @@ def _parents_with_key(client: MlflowClient, experiment_id: str, key: str) -> lis
                   key=lambda r: (r.info.start_time, r.info.run_id))
 
 
+def _settled_oldest_parent(client: MlflowClient, experiment_id: str, key: str) -> str | None:
+    """The oldest parent with this key, once every run that started before it must be visible."""
+    while True:
+        found = _parents_with_key(client, experiment_id, key)
+        if not found:
+            return None
+        wait = found[0].info.start_time / 1000 + PARENT_SETTLE_S - time.time()
+        if wait <= 0:
+            return found[0].info.run_id
+        time.sleep(wait)
+
+
 def open_parent(cfg: TrainCVConfig, store: Store, key: str) -> str:
     """The parent run id: MLflow's run under `mlflow run`, else the oldest run with this key, else a new one."""
     client = MlflowClient()
@@ -145,15 +161,15 @@ def open_parent(cfg: TrainCVConfig, store: Store, key: str) -> str:
         client.set_tag(own, keys.TRAIN_CV_KEY, key)
         return own
     experiment_id = _experiment_id()
-    found = _parents_with_key(client, experiment_id, key)
+    found = _settled_oldest_parent(client, experiment_id, key)
     if found:
-        return found[0].info.run_id
+        return found
     active = mlflow.active_run()
     tags = {keys.TRAIN_CV_KEY: key, keys.STEP: keys.TRAIN_CV}
     if active:  # called in-process inside another run (e.g. a workflow): nest under it
         tags[PARENT_RUN] = active.info.run_id
     created = client.create_run(experiment_id, tags=tags, run_name=run_name(cfg)).info.run_id
-    oldest = _parents_with_key(client, experiment_id, key)[0].info.run_id
+    oldest = _settled_oldest_parent(client, experiment_id, key)
     if oldest != created:  # another job created one at the same moment: join the older one
         client.delete_run(created)
     return oldest
