@@ -58,14 +58,16 @@ PAPER: dict[str, BackboneSpec] = {
 # Measured on the demo crops from a random init, the LayerNorm / average-pooled original
 # stays near AUROC 0.6 after 300 steps, this variant reaches about 0.8 (with ImageNet
 # weights the original trains fine: that is the paper profile).
-# ViT: ViT-Tiny wide (192, 3 heads) but 2 blocks, 8 px patches at 64 px (64 tokens);
-# from a random init it reaches a CV AUROC near 0.68 in the demo's 4 epochs.
+# ViT: ViT-Tiny wide (192, 3 heads) but 2 blocks, 8 px patches (36 tokens).
+# Both see the crops at 48 px: measured on 1500 demo crops, 4 epochs, 5 folds, 48 px is
+# faster and no worse than 64 px (ConvNeXt CV AUROC 0.78 in 74 s vs 0.76 in 95 s; ViT
+# 0.68 in 49 s vs 0.68 in 91 s).
 DEMO: dict[str, BackboneSpec] = {
-    "convnext": BackboneSpec("convnext", "convnext_atto", 64, IMAGENET_MEAN, IMAGENET_STD, None, 2e-3, "convnext",
+    "convnext": BackboneSpec("convnext", "convnext_atto", 48, IMAGENET_MEAN, IMAGENET_STD, None, 2e-3, "convnext",
                              {"dims": (24, 48, 96, 192), "depths": (2, 2, 4, 2), "norm_layer": "batchnorm2d",
                               "conv_mlp": True, "global_pool": "max"}),
-    "lunit": _vit("lunit", "vit_tiny_patch16_224", 64, None, 3e-4, patch_size=8, depth=2),
-    "lunit_s16": _vit("lunit_s16", "vit_tiny_patch16_224", 64, None, 3e-4, patch_size=16, depth=2),
+    "lunit": _vit("lunit", "vit_tiny_patch16_224", 48, None, 3e-4, patch_size=8, depth=2),
+    "lunit_s16": _vit("lunit_s16", "vit_tiny_patch16_224", 48, None, 3e-4, patch_size=16, depth=2),
 }
 REGISTRY = {"paper": PAPER, "demo": DEMO}
 

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import contextlib
+import hashlib
+import os
 import subprocess
 import time
 import warnings
@@ -18,6 +19,8 @@ from analysis import keys
 from data_tools.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
+# steps download many small artifacts (fold predictions, checkpoints): one bar each buries the output
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def code_version() -> str:

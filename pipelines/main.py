@@ -3,11 +3,16 @@
 prepare_data -> generator_pretrain -> generator_finetune -> synthesize -> train_cv for
 every backbone x regime -> evaluate -> report. A step whose finished run has the same
 parameters, code version and data digest is reused, not run again, so a workflow killed
-halfway and started again goes on where it stopped.
+halfway and started again goes on where it stopped. Steps that do not depend on each other
+(the stores; the generator chain beside real-only training) run side by side, `jobs` at a time,
+each with its share of the cores.
 """
 from __future__ import annotations
 
+import argparse
+import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +73,64 @@ class Workflow:
         return submitted.run_id
 
 
+def threads_per_step(jobs: int) -> None:
+    """Steps running side by side share the cores: each gets its share of threads (tiny models
+    slow down many times over when their OpenMP threads outnumber the free cores)."""
+    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+
+
+def results(futures: list[Future]) -> list:
+    """Every future's result; the first failure cancels what has not started and is raised."""
+    try:
+        return [f.result() for f in futures]
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        raise
+
+
+def prepare_stores(flow: Workflow, pool: ThreadPoolExecutor, args: argparse.Namespace) -> tuple[str, str, str]:
+    """(CV store, test store, generator pool): given, or built by prepare_data (the demo builds all three)."""
+    cfg = resolve(keys.PREPARE_DATA, args.profile, {"source": args.source, "root": args.root})
+    sizes = resolve(keys.MAIN, args.profile, {})
+    stores = Path(args.stores).resolve()
+    data, test_data, gen_pool = args.data, args.test_data, args.pool
+    demo = cfg["source"] == "demo"
+    todo = []
+    if not data:
+        data = str(stores / cfg["source"])
+        todo.append(pool.submit(flow.step, keys.PREPARE_DATA, source=cfg["source"], root=cfg.get("root", ""), out=data))
+    if not test_data and demo:  # a held-out demo set: other seed, no CV pool
+        test_data = str(stores / "demo_test")
+        todo.append(pool.submit(flow.step, keys.PREPARE_DATA, source="demo", out=test_data, folds="0",
+                                seed=str(int(cfg["seed"]) + 1), size=str(sizes["test_size"])))
+    if not gen_pool and demo:  # pretraining never sees the CV pool: a pool of its own
+        gen_pool = str(stores / "demo_pool")
+        todo.append(pool.submit(flow.step, keys.PREPARE_DATA, source="demo", out=gen_pool, folds="0",
+                                seed=str(int(cfg["seed"]) + 2), size=str(sizes["pool_size"])))
+    results(todo)
+    gen_pool = gen_pool or resolve(keys.GENERATOR_PRETRAIN, args.profile, {}).get("data", "")
+    if not Path(gen_pool).joinpath("manifest.json").is_file():
+        raise SystemExit(f"no generator pretraining pool at {gen_pool!r}: build one first, e.g. "
+                         f"mlflow run . -e prepare_data -P source=sliderunner -P root=<db.sqlite> -P out={gen_pool}")
+    return data, test_data, gen_pool
+
+
+def generator(flow: Workflow, gen_pool: str, data: str) -> str:
+    """pretrain -> per-fold finetune -> synthesize; returns the synthesize run id."""
+    pretrain = flow.step(keys.GENERATOR_PRETRAIN, data=gen_pool)
+    finetune = flow.step(keys.GENERATOR_FINETUNE, data=data, pretrain_run_id=pretrain)
+    return flow.step(keys.SYNTHESIZE, finetune_run_id=finetune)
+
+
+def classifier(flow: Workflow, data: str, test_data: str, backbone: str, regime: str, synth: str = "") -> None:
+    """train_cv for one backbone x regime, then its evaluation on the test store."""
+    train = flow.step(keys.TRAIN_CV, data=data, backbone=backbone, regime=regime, synth_run_id=synth)
+    if test_data:
+        flow.step(keys.EVALUATE, train_run_id=train, test_data=test_data)
+
+
 def main(argv: list[str] | None = None) -> str:
     p = step_parser(keys.MAIN, __doc__)
     p.add_argument("--data", default="", help="an existing real store (skips prepare_data)")
@@ -78,42 +141,27 @@ def main(argv: list[str] | None = None) -> str:
                    "paper: the unlabelled WSI pool from prepare_data source=sliderunner|midogpp)")
     p.add_argument("--stores", default="stores", help="folder for the stores the workflow writes")
     p.add_argument("--backbones", default=",".join(BACKBONES))
+    p.add_argument("--jobs", type=int, default=None,
+                   help="steps run side by side when they do not depend on each other (default: the profile's)")
     args = p.parse_args(argv)
     if Path(args.profile).is_file():  # steps run in the project folder: give them the file's absolute path
         args.profile = str(Path(args.profile).resolve())
-    cfg = resolve(keys.PREPARE_DATA, args.profile, {"source": args.source, "root": args.root})
-    sizes = resolve(keys.MAIN, args.profile, {})
-    stores = Path(args.stores).resolve()
+    jobs = args.jobs or int(resolve(keys.MAIN, args.profile, {}).get("jobs", 1))
+    threads_per_step(jobs)
     started = time.time()
     with step_run(keys.MAIN, args.profile, run_name=f"workflow {args.profile}") as run:
         flow = Workflow(args.profile, run.info.run_id, run.info.experiment_id)
-        data = args.data
-        if not data:
-            data = str(stores / cfg["source"])
-            flow.step(keys.PREPARE_DATA, source=cfg["source"], root=cfg.get("root", ""), out=data)
-        test_data = args.test_data
-        if not test_data and cfg["source"] == "demo":  # a held-out demo set: other seed, no CV pool
-            test_data = str(stores / "demo_test")
-            flow.step(keys.PREPARE_DATA, source="demo", out=test_data, folds="0",
-                      seed=str(int(cfg["seed"]) + 1), size=str(sizes["test_size"]))
-        pool = args.pool
-        if not pool and cfg["source"] == "demo":  # pretraining never sees the CV pool: a pool of its own
-            pool = str(stores / "demo_pool")
-            flow.step(keys.PREPARE_DATA, source="demo", out=pool, folds="0", seed=str(int(cfg["seed"]) + 2),
-                      size=str(sizes["pool_size"]))
-        pool = pool or resolve(keys.GENERATOR_PRETRAIN, args.profile, {}).get("data", "")
-        if not Path(pool).joinpath("manifest.json").is_file():
-            raise SystemExit(f"no generator pretraining pool at {pool!r}: build one first, e.g. "
-                             f"mlflow run . -e prepare_data -P source=sliderunner -P root=<db.sqlite> -P out={pool}")
-        pretrain = flow.step(keys.GENERATOR_PRETRAIN, data=pool)
-        finetune = flow.step(keys.GENERATOR_FINETUNE, data=data, pretrain_run_id=pretrain)
-        synth = flow.step(keys.SYNTHESIZE, finetune_run_id=finetune)
-        for backbone in args.backbones.split(","):
-            for regime in keys.REGIMES:
-                train = flow.step(keys.TRAIN_CV, data=data, backbone=backbone, regime=regime,
-                                  synth_run_id=synth if regime == keys.SYNTH_BALANCED else "")
-                if test_data:
-                    flow.step(keys.EVALUATE, train_run_id=train, test_data=test_data)
+        mlflow.log_param("jobs", jobs)
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            data, test_data, gen_pool = prepare_stores(flow, pool, args)
+            # the generator chain is the longest path: it goes first, real-only training beside it
+            synth = pool.submit(generator, flow, gen_pool, data)
+            backbones = args.backbones.split(",")
+            arms = [pool.submit(classifier, flow, data, test_data, b, keys.REAL_ONLY) for b in backbones]
+            synth_run = results([synth])[0]
+            arms += [pool.submit(classifier, flow, data, test_data, b, keys.SYNTH_BALANCED, synth_run)
+                     for b in backbones]
+            results(arms)
         flow.step(keys.REPORT)
         mlflow.log_metrics({f"seconds_{k}": v for k, v in flow.timings.items()})
         mlflow.log_metric("seconds_total", time.time() - started)

@@ -15,7 +15,8 @@ import yaml
 
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "demo": {
-        "main": {"pool_size": 1000, "test_size": 500},  # the demo's generator pool and held-out test set
+        # the demo's generator pool and held-out test set; steps side by side (2 cores: one thread each)
+        "main": {"pool_size": 1000, "test_size": 500, "jobs": 2},
         "prepare_data": {"source": "demo", "size": 1500, "folds": 5, "seed": 0, "on_error": "raise"},
         # generator: tiny VAE/DiT, few epochs, lr 1e-3 (the paper's 1e-4 is too slow for minutes on a CPU), the
         # VAE trained on 64 px crops and not fine-tuned, 100 synthetic atypical crops per fold (balancing would
@@ -42,6 +43,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "predict": {"tta": "false", "batch_size": 64, "device": "auto"},  # model/input/output: the platform's
     },
     "paper": {
+        "main": {"jobs": 1},  # one GPU: one step at a time
         "prepare_data": {"source": "midog25", "folds": 5, "seed": 42, "on_error": "skip"},
         # generator (paper, "Synthetic Image Generation"): VAE and DDPM each 1000 epochs, batch 32, AdamW 1e-4 on
         # the unlabelled WSI pool; per fold VAE 2000 / DiT 5000 epochs, batch 8; DDPM 1000 steps. Sizes, KL weight,
