@@ -63,6 +63,26 @@ def test_main_runs_every_step_and_prints_the_tables(workflow):
     assert version.version
 
 
+def test_real_only_training_runs_beside_the_generator(workflow):
+    """The profile's jobs=2: the generator chain and real-only training overlap; synth-balanced
+    training waits for the synthetic stores; report comes last."""
+    tmp, uri, _, _ = workflow
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("Default").experiment_id
+    [flow] = client.search_runs([exp], f"tags.step = '{keys.MAIN}'", order_by=["attributes.start_time ASC"],
+                                max_results=1)
+    steps = client.search_runs([exp], f"tags.`{keys.WORKFLOW_RUN}` = '{flow.info.run_id}'")
+    [synth] = [r for r in steps if r.data.tags[keys.STEP] == keys.SYNTHESIZE]
+    [report] = [r for r in steps if r.data.tags[keys.STEP] == keys.REPORT]
+    trains = [r for r in steps if r.data.tags[keys.STEP] == keys.TRAIN_CV]
+    real = [r for r in trains if r.data.params[keys.P_REGIME] == keys.REAL_ONLY]
+    balanced = [r for r in trains if r.data.params[keys.P_REGIME] == keys.SYNTH_BALANCED]
+    assert min(r.info.start_time for r in real) < synth.info.end_time
+    assert all(r.info.start_time >= synth.info.end_time for r in balanced)
+    assert report.info.start_time >= max(r.info.end_time for r in steps if r is not report)
+    assert flow.data.params["jobs"] == "2"
+
+
 def test_a_second_main_reuses_every_finished_step(workflow):
     tmp, uri, _, run = workflow
     client = MlflowClient(uri)
