@@ -21,6 +21,7 @@ from data_tools.demo import make_demo
 from data_tools.folds import assign_folds
 from data_tools.provenance import LeakageError, fold_train_ids, synthetic_provenance
 from data_tools.store import write_store
+from models.backbones import resolve_backbone
 from models.training import TrainConfig, train_fold
 from pipelines.train_cv import TrainCVConfig, run_train_cv
 
@@ -207,7 +208,9 @@ def test_mlflow_run_from_the_command_line(demo_store, tracking, tmp_path):
     [parent] = [r for r in client.search_runs([client.get_experiment_by_name("cli").experiment_id], "")
                 if keys.FOLD not in r.data.tags]
     assert parent.info.status == "FINISHED" and parent.data.params[keys.P_FOLDS] == "1,2"
-    assert parent.data.params[keys.P_TIMM_NAME].startswith("vit_") and parent.data.params[keys.P_INPUT_SIZE] == "64"
+    demo_vit = resolve_backbone("lunit", "demo")
+    assert parent.data.params[keys.P_TIMM_NAME] == demo_vit.timm_name
+    assert parent.data.params[keys.P_INPUT_SIZE] == str(demo_vit.input_size)
     assert sorted(c.data.tags[keys.FOLD] for c in _children(client, parent.info.run_id)) == ["1", "2"]
     assert keys.CV_AUROC_MEAN in parent.data.metrics
 
