@@ -1,6 +1,7 @@
 """What every adapter shares: its result type, its error, and the on_error policy."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -26,6 +27,17 @@ class Ingested:
 
 class AdapterError(ValueError):
     """A raw source cannot be read as asked; the message names the file or row."""
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """A JSON annotation file, or an AdapterError naming it (`what`: e.g. "ground-truth file")."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AdapterError(f"{path}: {what} not found") from None
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path}: not valid JSON ({e})") from None
 
 
 class Problems:

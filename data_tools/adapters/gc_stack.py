@@ -7,13 +7,12 @@ optional ground truth is the platform's JSON:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from data_tools.adapters.base import AdapterError, Ingested, Problems, parse_int
+from data_tools.adapters.base import AdapterError, Ingested, Problems, parse_int, read_json
 from data_tools.constants import ATYPICAL, NORMAL, UNLABELLED
 from data_tools.images import CROP_SIZE
 from data_tools.inputs import InputError, find_stacks, read_stack
@@ -24,12 +23,7 @@ PLATFORM_LABELS = {"atypical": ATYPICAL, "normal": NORMAL}
 def read_ground_truth(path: str | Path) -> dict[str, dict]:
     """The platform's ground-truth JSON as {stack file name: {"labels": [...], "tumordomains": [...]}}."""
     path = Path(path)
-    try:
-        entries = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise AdapterError(f"{path}: ground-truth file not found") from None
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{path}: not valid JSON ({e})") from None
+    entries = read_json(path, "ground-truth file")
     if not isinstance(entries, list):
         raise AdapterError(f"{path}: expected a list of {{image, labels, tumordomains}} entries")
     truth = {}

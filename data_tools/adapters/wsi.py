@@ -17,7 +17,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from data_tools.adapters.base import (CENTER_X, CENTER_Y, SLIDE_FILE, AdapterError, Ingested, Problems, parse_int,
-                                      read_csv)
+                                      read_csv, read_json)
 from data_tools.adapters.crops import MIDOG25_LABELS
 from data_tools.adapters.slides import READERS, SlideError, crop_centred, open_slide
 from data_tools.constants import UNLABELLED
@@ -136,14 +136,8 @@ def sliderunner(root: str | Path, on_error: str, *, scratch: Path, slides: str |
 def read_midogpp(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The images (id, file_name, tumor_type, ...) and annotations (bbox [x1, y1, x2, y2],
     category_id, image_id, id) of the MIDOG++ JSON."""
-    import json
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise AdapterError(f"{path}: MIDOG++ annotation file not found") from None
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path, "MIDOG++ annotation file")
     if not isinstance(data, dict) or not {"images", "annotations"} <= set(data):
         raise AdapterError(f"{path}: expected the MIDOG++ JSON with 'images' and 'annotations'")
     images, annotations = pd.DataFrame(data["images"]), pd.DataFrame(data["annotations"])
