@@ -21,6 +21,7 @@ crop than the `q` quantile of the reference; a generator that does not copy scor
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 import torch
@@ -146,7 +147,9 @@ def fid(real: np.ndarray, fake: np.ndarray, eps: float = 1e-6) -> float:
         return float("nan")
     mu1, mu2 = real.mean(0), fake.mean(0)
     s1, s2 = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
-    covmean = linalg.sqrtm(s1 @ s2)
+    with warnings.catch_warnings():  # fewer samples than feature dimensions: singular by construction
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():
         off = np.eye(len(s1)) * eps
         covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
