@@ -11,6 +11,7 @@ BACKBONE = "backbone"
 REGIME = "regime"
 FOLD = "fold"  # tag on a nested fold run, value "1".."K"
 WORKFLOW_RUN = "workflow_run_id"
+PARENT_RUN = "mlflow.parentRunId"  # MLflow's own tag of a nested run (mlflow.utils.mlflow_tags)
 
 # regimes
 REAL_ONLY = "real_only"
@@ -113,7 +114,6 @@ def test_ci_metric(name: str, bound: str, domain: str | None = None) -> str:
 
 
 # generator / synthesize runs
-P_GENERATOR_RUN_ID = "generator_run_id"
 P_PRETRAIN_RUN_ID = "pretrain_run_id"
 P_FINETUNE_RUN_ID = "finetune_run_id"
 P_DATA = "data"  # the store a step read, as given

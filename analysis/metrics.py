@@ -43,10 +43,6 @@ def binary_metrics(y, p, threshold: float = 0.5) -> dict[str, float]:
             "ba": float((sens + spec) / 2)}
 
 
-def balanced_accuracy(y, p, threshold: float = 0.5) -> float:
-    return binary_metrics(y, p, threshold)["ba"]
-
-
 def ba_optimal_threshold(y, p) -> float:
     """The threshold that maximises BA on (y, p): the midpoint between the two scores
     where the best cut lies (ties broken towards 0.5), so it generalises to new scores."""

@@ -23,7 +23,6 @@ from mlflow.tracking import MlflowClient
 from analysis import keys
 
 FINISHED = "FINISHED"
-PARENT_RUN = "mlflow.parentRunId"
 BACKBONE_ORDER = ("convnext", "lunit")
 
 
@@ -126,7 +125,7 @@ def step_runs(client: MlflowClient, exp_ids: list[str], step: str, finished_only
 
 
 def child_runs(client: MlflowClient, exp_ids: list[str], parent_id: str, finished_only: bool = False) -> list[Run]:
-    return search(client, exp_ids, f"tags.`{PARENT_RUN}` = '{parent_id}'", finished_only)
+    return search(client, exp_ids, f"tags.`{keys.PARENT_RUN}` = '{parent_id}'", finished_only)
 
 
 def _is_train_parent(run: Run) -> bool:
@@ -217,7 +216,7 @@ def train_rows(client: MlflowClient, exp_ids: list[str], run_ids: list[str] | No
     else:
         tune_ids = {r.info.run_id for r in step_runs(client, exp_ids, keys.TUNE, finished_only=False)}
         all_runs = [r for r in step_runs(client, exp_ids, keys.TRAIN_CV, finished_only=False)
-                    if _is_train_parent(r) and r.data.tags.get(PARENT_RUN) not in tune_ids]
+                    if _is_train_parent(r) and r.data.tags.get(keys.PARENT_RUN) not in tune_ids]
         by_key: dict[tuple[str, str], list[Run]] = {}
         for run in all_runs:
             by_key.setdefault(_row_key(run), []).append(run)

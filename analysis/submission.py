@@ -96,10 +96,11 @@ class EnsemblePyfunc(mlflow.pyfunc.PythonModel):
     """The fold ensemble behind MLflow's pyfunc interface (see the module docstring)."""
 
     def load_context(self, context) -> None:
+        from models.checkpoint import resolve_device
         from models.ensemble import FoldEnsemble  # the heavy part; imported where the model loads
         config = context.model_config or {}
         dirs = [context.artifacts[k] for k in sorted(context.artifacts, key=_fold_number)]
-        device = _auto_device(config.get("device") or "auto")  # override: MLFLOW_PYFUNC_INFERENCE_CONFIG
+        device = str(resolve_device(config.get("device")))  # override: MLFLOW_PYFUNC_INFERENCE_CONFIG
         self.config = config
         self.predictor = Predictor(FoldEnsemble.from_dirs(dirs, device=device),
                                    float(config.get("threshold", DEFAULT_THRESHOLD)), "pyfunc")
@@ -209,13 +210,6 @@ class Predictor:
         return prob, classes(prob, self.threshold)
 
 
-def _auto_device(device: str) -> str:
-    if device in ("", "auto", None):
-        import torch
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def latest_threshold(train_run_id: str) -> float | None:
     """The threshold of the newest finished evaluate run of a train_cv run, if any."""
     client = MlflowClient()
@@ -233,7 +227,8 @@ def load_predictor(model: str, device: str = "auto", threshold: float | None = N
     a local pyfunc model folder (as baked into the container), or the id of a train_cv run
     (its fold checkpoints; threshold of its newest evaluate run, else 0.5).
     """
-    device = _auto_device(device)
+    from models.checkpoint import resolve_device
+    device = str(resolve_device(device))
     if re.fullmatch(r"[0-9a-f]{32}", model):
         from models.ensemble import FoldEnsemble
         ensemble = FoldEnsemble.from_train_run(model, device=device)

@@ -134,12 +134,13 @@ def _colour(x: torch.Tensor, r: torch.Tensor, cfg: AugmentConfig) -> torch.Tenso
 
 
 _RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ2RGB = torch.linalg.inv(_RGB2YIQ)  # once, not per batch (on a GPU, inv waits for the device)
 
 
 def _hue_rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     """Rotate the chroma plane of YIQ by `angle` per image (a linear stand-in for an HSV hue shift)."""
     to_yiq = _RGB2YIQ.to(x.device, x.dtype)
-    to_rgb = torch.linalg.inv(to_yiq)
+    to_rgb = _YIQ2RGB.to(x.device, x.dtype)
     cos, sin = torch.cos(angle).to(x.dtype), torch.sin(angle).to(x.dtype)
     one, zero = torch.ones_like(cos), torch.zeros_like(cos)
     rot = torch.stack([torch.stack([one, zero, zero], -1), torch.stack([zero, cos, -sin], -1),
@@ -149,9 +150,9 @@ def _hue_rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
 
 
 def _sharpness(x: torch.Tensor, r: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
-    apply = r[:, 0] < cfg.sharpness_p
-    if not bool(apply.any()):
+    if cfg.sharpness_p <= 0:  # not `apply.any()`: reading it back would stall the GPU every batch
         return x
+    apply = r[:, 0] < cfg.sharpness_p
     k = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], dtype=x.dtype, device=x.device) / 13
     smooth = F.conv2d(x, k.expand(3, 1, 3, 3), groups=3)
     degenerate = x.clone()

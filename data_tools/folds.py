@@ -13,6 +13,12 @@ class FoldError(ValueError):
     """The requested folds cannot be built from this data."""
 
 
+def balance_count(store, k: int) -> int:
+    """Atypical crops that bring fold k's training split of `store` to 50/50 (unlabelled rows aside)."""
+    labels = store.index["label"].to_numpy()[store.fold_rows(k)[0]]
+    return max(0, int((labels == NORMAL).sum() - (labels == ATYPICAL).sum()))
+
+
 def assign_folds(index: pd.DataFrame, k: int, seed: int) -> tuple[pd.DataFrame, dict]:
     """Set `fold` to 1..k for labelled rows (stratified by label, grouped by `group`);
     unlabelled rows and k == 0 give fold -1. Returns the index and the split spec."""

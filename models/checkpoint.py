@@ -18,6 +18,13 @@ WEIGHTS, CONFIG = "model.safetensors", "config.json"
 FORMAT = 1
 
 
+def resolve_device(name: str | None = "auto") -> torch.device:
+    """`auto` (or empty): the GPU when there is one, else the CPU; anything else as given."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 class CheckpointError(ValueError):
     """A checkpoint folder is missing, incomplete, or does not fit its architecture."""
 

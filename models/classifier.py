@@ -92,10 +92,6 @@ def _check_every_weight_loaded(model: nn.Module, path: Path) -> None:
                                      f"(e.g. {missing[:3]}): is it a checkpoint of this architecture?")
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 FLIPS = ((), (-1,), (-2,), (-2, -1))  # test-time augmentation: identity, h-flip, v-flip, both
 
 

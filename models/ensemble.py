@@ -20,14 +20,12 @@ from models.classifier import predict_logits
 
 
 class FoldEnsemble:
-    def __init__(self, models: Sequence[nn.Module], specs: Sequence[BackboneSpec], device: str | torch.device = "cpu",
-                 extras: Sequence[dict] | None = None):
+    def __init__(self, models: Sequence[nn.Module], specs: Sequence[BackboneSpec], device: str | torch.device = "cpu"):
         if not models:
             raise ValueError("an ensemble needs at least one model")
         self.device = torch.device(device)
         self.models = [m.to(self.device).eval() for m in models]
         self.specs = list(specs)
-        self.extras = list(extras or [{} for _ in models])
 
     def __len__(self) -> int:
         return len(self.models)
@@ -36,7 +34,7 @@ class FoldEnsemble:
     def from_dirs(cls, dirs: Sequence[str | Path], device: str | torch.device = "cpu") -> "FoldEnsemble":
         """From checkpoint folders (model.safetensors + config.json), offline."""
         loaded = [load_checkpoint(d, device) for d in dirs]
-        return cls([m for m, _, _ in loaded], [s for _, s, _ in loaded], device, [e for _, _, e in loaded])
+        return cls([m for m, _, _ in loaded], [s for _, s, _ in loaded], device)
 
     @classmethod
     def from_train_run(cls, run_id: str, device: str | torch.device = "cpu",
@@ -51,9 +49,7 @@ class FoldEnsemble:
         dirs = [mlflow.artifacts.download_artifacts(run_id=child, artifact_path=keys.CHECKPOINT_DIR,
                                                     dst_path=str(root / f"fold{k}"))
                 for k, child in sorted(folds.items())]
-        ensemble = cls.from_dirs(dirs, device)
-        ensemble.fold_run_ids = dict(sorted(folds.items()))
-        return ensemble
+        return cls.from_dirs(dirs, device)
 
     @torch.inference_mode()
     def predict_proba(self, images: np.ndarray, batch_size: int = 64, tta: bool = False) -> np.ndarray:
@@ -77,7 +73,7 @@ def finished_fold_runs(parent_run_id: str) -> dict[int, str]:
     client = MlflowClient()
     parent = client.get_run(parent_run_id)
     runs = client.search_runs([parent.info.experiment_id],
-                              f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'FINISHED'",
+                              f"tags.`{keys.PARENT_RUN}` = '{parent_run_id}' and attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"], max_results=1000)
     found: dict[int, str] = {}
     for r in runs:

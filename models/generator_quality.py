@@ -179,7 +179,10 @@ def _thumbs(images: np.ndarray, size: int = 32) -> torch.Tensor:
 
 def nearest_neighbours(queries: np.ndarray, pool: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """For each query crop, the index of and RMS pixel distance (32x32, [0,1]) to its nearest pool crop."""
-    pool_t = _thumbs(pool)
+    return _nearest(queries, _thumbs(pool), chunk)
+
+
+def _nearest(queries: np.ndarray, pool_t: torch.Tensor, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
     idx, dist = [], []
     for s in range(0, len(queries), chunk):
         d = torch.cdist(_thumbs(queries[s:s + chunk]), pool_t)
@@ -191,8 +194,12 @@ def nearest_neighbours(queries: np.ndarray, pool: np.ndarray, chunk: int = 512) 
 
 def memorisation(synthetic: np.ndarray, train: np.ndarray, reference: np.ndarray, q: float = 0.05) -> dict[str, float]:
     """Near-copy share of synthetic crops, calibrated on unseen `reference` crops (see module doc)."""
-    _, d_syn = nearest_neighbours(synthetic, train)
-    _, d_ref = nearest_neighbours(reference, train)
+    pool_t = _thumbs(train)
+    return near_copy_figures(_nearest(synthetic, pool_t)[1], _nearest(reference, pool_t)[1], q)
+
+
+def near_copy_figures(d_syn: np.ndarray, d_ref: np.ndarray, q: float = 0.05) -> dict[str, float]:
+    """The memorisation figures from nearest-training-crop distances of synthetic and reference crops."""
     threshold = float(np.quantile(d_ref, q))
     return {"near_copy_share": float((d_syn < threshold).mean()), "near_copy_threshold": threshold,
             "nn_dist_median": float(np.median(d_syn)), "nn_dist_ratio": float(np.median(d_syn) / np.median(d_ref))}
@@ -213,9 +220,11 @@ def side_by_side(real: np.ndarray, synthetic: np.ndarray, ncols: int = 4, gap: i
     return canvas
 
 
-def nearest_pairs(synthetic: np.ndarray, train: np.ndarray, n: int = 8) -> np.ndarray:
-    """The n synthetic crops closest to a training crop (top row) above that crop (bottom row)."""
-    idx, dist = nearest_neighbours(synthetic, train)
+def nearest_pairs(synthetic: np.ndarray, train: np.ndarray, n: int = 8,
+                  neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """The n synthetic crops closest to a training crop (top row) above that crop (bottom row);
+    `neighbours`: nearest_neighbours(synthetic, train) when already computed."""
+    idx, dist = neighbours if neighbours is not None else nearest_neighbours(synthetic, train)
     order = np.argsort(dist)[:n]
     return mosaic(np.concatenate([synthetic[order], train[idx[order]]]), cols=max(len(order), 1))
 
@@ -255,6 +264,8 @@ def quality_report(synthetic: np.ndarray, synthetic_labels: np.ndarray, train: n
     syn = synthetic[cap(np.arange(len(synthetic)))]
     pool = np.asarray(train)  # all of them: a copy of any training crop must be found
     if len(syn) and len(pool) and len(reference):
-        metrics.update(memorisation(syn, pool, reference))
-        grids["nearest_training_pairs"] = nearest_pairs(syn, pool)
+        pool_t = _thumbs(pool)  # once: the thumbnails of every training crop are the costly part
+        idx, d_syn = _nearest(syn, pool_t)
+        metrics.update(near_copy_figures(d_syn, _nearest(reference, pool_t)[1]))
+        grids["nearest_training_pairs"] = nearest_pairs(syn, pool, neighbours=(idx, d_syn))
     return metrics, grids

@@ -34,10 +34,11 @@ from analysis.metrics import binary_metrics
 from data_tools.augment import augment_and_preprocess, preprocess, preset
 from data_tools.batches import CropPool, concat_pools, iterate_batches, pool_from_store
 from data_tools.constants import ATYPICAL, NORMAL
+from data_tools.folds import balance_count
 from data_tools.provenance import check_synthetic_for_fold
 from data_tools.store import Store
 from models.backbones import BackboneSpec, resolve_backbone
-from models.checkpoint import save_checkpoint
+from models.checkpoint import resolve_device, save_checkpoint
 from models.classifier import build_classifier, predict_logits
 
 STATE, BEST, BEST_PREDICTIONS = "state.pt", "best", "best_val_predictions.csv"
@@ -80,12 +81,6 @@ class FoldResult:
     n_val: int = 0
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def set_determinism() -> None:
     """Deterministic kernels (warn where an op has none) so the same seed gives the same run."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -118,13 +113,11 @@ def fold_pools(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None) 
     n_syn = 0
     if synthetic is not None:
         check_synthetic_for_fold(synthetic, store, k)
-        n_aty = int((labels[train_rows] == ATYPICAL).sum())
-        wanted = cfg.n_synthetic if cfg.n_synthetic is not None else max(0, len(train_rows) - 2 * n_aty)
-        available = int((synthetic.index["label"].to_numpy() == ATYPICAL).sum())
-        if wanted > available:
-            tqdm.write(f"fold {k}: {wanted} synthetic atypical crops wanted, the store has {available}; using all")
-        rows = synthetic_rows(synthetic, min(wanted, available), cfg.seed, k)
+        wanted = cfg.n_synthetic if cfg.n_synthetic is not None else balance_count(store, k)
+        rows = synthetic_rows(synthetic, wanted, cfg.seed, k)  # at most what the store has
         n_syn = len(rows)
+        if n_syn < wanted:
+            tqdm.write(f"fold {k}: {wanted} synthetic atypical crops wanted, the store has {n_syn}; using all")
         if n_syn:
             train = concat_pools(train, pool_from_store(synthetic, rows))
     return train, pool_from_store(store, val_rows), n_syn

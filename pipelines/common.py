@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import os
 import subprocess
@@ -13,7 +14,6 @@ from typing import Iterator
 
 import mlflow
 from mlflow.exceptions import MlflowException
-import torch
 
 from analysis import keys
 from data_tools.store import Store
@@ -23,9 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+@functools.cache
 def code_version() -> str:
     """The git commit of the project, plus a digest of uncommitted changes ("<sha>-dirty-<hash>"),
-    so that a reused run was made by exactly this code; "unknown" outside git."""
+    so that a reused run was made by exactly this code; "unknown" outside git. Once per process:
+    a process runs the code it started with, and its keys and tags must agree."""
     try:
         git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout  # noqa: E731
         sha, diff = git("rev-parse", "HEAD").strip(), git("diff", "HEAD")
@@ -69,12 +71,6 @@ def log_store(store: Store, context: str) -> None:
                 if attempt == 2:
                     raise
                 time.sleep(0.5 * (attempt + 1))
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name in ("", "auto", None):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _same_value(a: str, b: str) -> bool:

@@ -29,7 +29,8 @@ from analysis.metrics import METRICS, ba_optimal_threshold, bootstrap_metrics  #
 from data_tools.constants import ATYPICAL, NORMAL  # noqa: E402
 from data_tools.store import Store, open_store  # noqa: E402
 from models.ensemble import FoldEnsemble, finished_fold_runs  # noqa: E402
-from pipelines.common import log_params, log_store, pick_device, step_parser, step_run  # noqa: E402
+from models.checkpoint import resolve_device
+from pipelines.common import log_params, log_store, step_parser, step_run  # noqa: E402
 from pipelines.profiles import resolve  # noqa: E402
 
 
@@ -187,7 +188,7 @@ def run_evaluate(cfg: EvaluateConfig) -> str:
                         f"(e.g. {overlap['id_b'].head(5).tolist()}; all in the run's overlap.csv); evaluate on a "
                         f"disjoint test set, or pass allow_overlap=true to go on")
                 print(f"warning: {overlap['id_b'].nunique()} test images overlap the training store (allow_overlap)")
-            ensemble = FoldEnsemble.from_train_run(cfg.train_run_id, pick_device(cfg.device), dst=Path(tmp) / "folds")
+            ensemble = FoldEnsemble.from_train_run(cfg.train_run_id, resolve_device(cfg.device), dst=Path(tmp) / "folds")
             prob = ensemble.predict_proba(test.images, batch_size=cfg.batch_size, tta=cfg.tta)
             frame = test.index[["sample_id", "label", "domain"]].assign(prob=prob.astype(np.float64))
             frame["pred"] = (frame["prob"] >= threshold).astype(int)

@@ -22,7 +22,8 @@ from data_tools.provenance import LeakageError, fold_train_ids, ids_digest
 from data_tools.store import Store, open_store
 from models.generator import Generator, encode_moments
 from models.generator_training import FitConfig, fit_generator
-from pipelines.common import log_params, log_store, pick_device, step_parser, step_run
+from models.checkpoint import resolve_device
+from pipelines.common import log_params, log_store, step_parser, step_run
 from pipelines.generator_pretrain import FIT_PARAMS, add_fit_arguments, epoch_logger, log_generator
 from pipelines.profiles import resolve
 
@@ -40,9 +41,10 @@ def parse_folds(spec: str, available: list[int]) -> list[int]:
     return folds
 
 
-def download_generator(run_id: str, dst: str | Path) -> Path:
-    """A run's `vae/`, `dit/` and `train_ids.txt` artifacts into dst."""
-    for part in (keys.VAE_DIR, keys.DIT_DIR, keys.TRAIN_IDS):
+def download_generator(run_id: str, dst: str | Path, parts: tuple[str, ...] = (keys.VAE_DIR, keys.DIT_DIR, keys.TRAIN_IDS)
+                       ) -> Path:
+    """A run's `vae/`, `dit/` and `train_ids.txt` artifacts (or the `parts` asked for) into dst."""
+    for part in parts:
         mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=part, dst_path=str(dst))
     return Path(dst)
 
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> str:
         raise SystemExit("generator_finetune needs --pretrain_run_id (a finished generator_pretrain run)")
     store = open_store(cfg["data"])
     folds = parse_folds(cfg["folds"], store.folds)
-    device = pick_device(cfg["device"])
+    device = resolve_device(cfg["device"])
     labels = store.index["label"].to_numpy()
     workdirs = []
     with step_run(keys.GENERATOR_FINETUNE, args.profile, run_name=f"finetune {store.name}") as parent, \
@@ -94,17 +96,18 @@ def main(argv: list[str] | None = None) -> str:
             rows = store.fold_rows(k)[0]
             moments = (mean[position[rows]], std[position[rows]]) if fit.vae_epochs == 0 else None
             ids = fold_train_ids(store, k)
+            digest = ids_digest(ids)
             workdir = Path(cfg["work_dir"]) / ("finetune-" + fit.fingerprint(
-                data=store.digest, fold=k, train_ids=ids_digest(ids), init=cfg["pretrain_run_id"]))
+                data=store.digest, fold=k, train_ids=digest, init=cfg["pretrain_run_id"]))
             workdirs.append(workdir)
             with step_run(keys.GENERATOR_FINETUNE, args.profile, run_name=f"fold {k}", tags={keys.FOLD: str(k)},
                           nested=True):
-                log_params({keys.FOLD: k, keys.P_TRAIN_IDS_DIGEST: ids_digest(ids), keys.P_N_TRAIN: len(ids),
+                log_params({keys.FOLD: k, keys.P_TRAIN_IDS_DIGEST: digest, keys.P_N_TRAIN: len(ids),
                             keys.P_PRETRAIN_RUN_ID: cfg["pretrain_run_id"], **{n: cfg[n] for n in FINETUNE_PARAMS}})
                 gen = fit_generator(store.images[rows], labels[rows], fit, workdir, device=device, init=pretrained,
                                     on_epoch=epoch_logger(), moments=moments)
                 gen.meta.update(trained_on=store.name, data_digest=store.digest, fold=k,
-                                pretrain_run_id=cfg["pretrain_run_id"], train_ids_digest=ids_digest(ids))
+                                pretrain_run_id=cfg["pretrain_run_id"], train_ids_digest=digest)
                 log_generator(gen, ids)
             print(f"fold {k}: fine-tuned on {len(ids)} crops")
     for w in workdirs:

@@ -20,7 +20,8 @@ from analysis import keys
 from data_tools.store import open_store
 from models.generator import Generator
 from models.generator_training import FitConfig, fit_generator
-from pipelines.common import log_params, log_store, pick_device, step_parser, step_run
+from models.checkpoint import resolve_device
+from pipelines.common import log_params, log_store, step_parser, step_run
 from pipelines.profiles import resolve
 
 FIT_PARAMS = ("arch", "vae_epochs", "dit_epochs", "batch_size", "lr", "seed", "vae_crop", "kl_weight", "ema_decay",
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> str:
     cfg = resolve(keys.GENERATOR_PRETRAIN, args.profile, vars(args))
     fit = FitConfig.from_params(cfg)
     store = open_store(cfg["data"])
-    device = pick_device(cfg["device"])
+    device = resolve_device(cfg["device"])
     workdir = Path(cfg["work_dir"]) / f"pretrain-{fit.fingerprint(data=store.digest)}"
     ids = store.index["sample_id"].astype(str).tolist()
     with step_run(keys.GENERATOR_PRETRAIN, args.profile, run_name=f"pretrain {store.name}") as run:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +44,7 @@ class Workflow:
                  f"and tags.`{keys.CODE_VERSION}` = '{code_version()}'")
         digest = open_store(data).digest if data else None
         for run in self.client.search_runs([self.experiment_id], query, order_by=["attributes.start_time DESC"]):
-            if run.data.tags.get("mlflow.parentRunId") and keys.WORKFLOW_RUN not in run.data.tags:
+            if run.data.tags.get(keys.PARENT_RUN) and keys.WORKFLOW_RUN not in run.data.tags:
                 continue  # a nested run inside a step (e.g. a fold), not a step run of its own
             logged = run.data.params
             if all(logged.get(k) == v for k, v in params.items()) and \
@@ -65,7 +65,7 @@ class Workflow:
         start = time.time()
         submitted = mlflow.projects.run(str(ROOT), entry_point=step, parameters=params, experiment_id=self.experiment_id,
                                         env_manager=self.env_manager, synchronous=True)
-        self.client.set_tag(submitted.run_id, "mlflow.parentRunId", self.parent_run_id)
+        self.client.set_tag(submitted.run_id, keys.PARENT_RUN, self.parent_run_id)
         self.client.set_tag(submitted.run_id, keys.WORKFLOW_RUN, self.parent_run_id)
         self.timings[step] = self.timings.get(step, 0.0) + time.time() - start
         if self.client.get_run(submitted.run_id).info.status != RunStatus.to_string(RunStatus.FINISHED):
@@ -78,16 +78,6 @@ def threads_per_step(jobs: int) -> None:
     slow down many times over when their OpenMP threads outnumber the free cores)."""
     if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-
-
-def results(futures: list[Future]) -> list:
-    """Every future's result; the first failure cancels what has not started and is raised."""
-    try:
-        return [f.result() for f in futures]
-    except BaseException:
-        for f in futures:
-            f.cancel()
-        raise
 
 
 def prepare_stores(flow: Workflow, pool: ThreadPoolExecutor, args: argparse.Namespace) -> tuple[str, str, str]:
@@ -109,7 +99,8 @@ def prepare_stores(flow: Workflow, pool: ThreadPoolExecutor, args: argparse.Name
         gen_pool = str(stores / "demo_pool")
         todo.append(pool.submit(flow.step, keys.PREPARE_DATA, source="demo", out=gen_pool, folds="0",
                                 seed=str(int(cfg["seed"]) + 2), size=str(sizes["pool_size"])))
-    results(todo)
+    for done in todo:
+        done.result()
     gen_pool = gen_pool or resolve(keys.GENERATOR_PRETRAIN, args.profile, {}).get("data", "")
     if not Path(gen_pool).joinpath("manifest.json").is_file():
         raise SystemExit(f"no generator pretraining pool at {gen_pool!r}: build one first, e.g. "
@@ -153,15 +144,19 @@ def main(argv: list[str] | None = None) -> str:
         flow = Workflow(args.profile, run.info.run_id, run.info.experiment_id)
         mlflow.log_param("jobs", jobs)
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            data, test_data, gen_pool = prepare_stores(flow, pool, args)
-            # the generator chain is the longest path: it goes first, real-only training beside it
-            synth = pool.submit(generator, flow, gen_pool, data)
-            backbones = args.backbones.split(",")
-            arms = [pool.submit(classifier, flow, data, test_data, b, keys.REAL_ONLY) for b in backbones]
-            synth_run = results([synth])[0]
-            arms += [pool.submit(classifier, flow, data, test_data, b, keys.SYNTH_BALANCED, synth_run)
-                     for b in backbones]
-            results(arms)
+            try:
+                data, test_data, gen_pool = prepare_stores(flow, pool, args)
+                # the generator chain is the longest path: it goes first, real-only training beside it
+                synth = pool.submit(generator, flow, gen_pool, data)
+                backbones = args.backbones.split(",")
+                arms = [pool.submit(classifier, flow, data, test_data, b, keys.REAL_ONLY) for b in backbones]
+                arms += [pool.submit(classifier, flow, data, test_data, b, keys.SYNTH_BALANCED, synth.result())
+                         for b in backbones]
+                for arm in arms:
+                    arm.result()
+            except BaseException:  # a failed step: what has not started never starts; running steps finish
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
         flow.step(keys.REPORT)
         mlflow.log_metrics({f"seconds_{k}": v for k, v in flow.timings.items()})
         mlflow.log_metric("seconds_total", time.time() - started)

@@ -22,6 +22,7 @@ from analysis.queries import (EvalRun, ReportDataError, TrainRow, eval_runs, exp
 from analysis.stats import compare_regimes
 from analysis.submission import CRITERIA, SelectionError, log_ensemble_model, select_row
 from analysis.tables import comparison_table, row_label, table1, table2, table2_domains, to_markdown, write_table
+from data_tools.constants import ATYPICAL, NORMAL
 from pipelines.common import log_params, step_parser, step_run
 from pipelines.profiles import resolve
 
@@ -67,6 +68,10 @@ def _predictions(rows: list[TrainRow], evals: dict[str, EvalRun] | None, report:
         df = read_csv_artifact(ev.run_id, keys.PREDICTIONS)
         if df is None or not {"label", "prob"} <= set(df.columns):
             report.skip("Figures", [f"{row.name}: evaluate run {ev.run_id[:8]} has no usable {keys.PREDICTIONS}"])
+            continue
+        df = df[df["label"].isin([NORMAL, ATYPICAL])]  # an evaluate run on unlabelled crops has no curve
+        if df["label"].nunique() < 2:
+            report.skip("Figures", [f"{row.name}: evaluate run {ev.run_id[:8]} lacks a labelled crop of each class"])
             continue
         curves[row_label(*row.key)] = (df["label"].to_numpy(int), df["prob"].to_numpy(float))
     if curves:

@@ -22,20 +22,16 @@ from mlflow.tracking import MlflowClient
 
 from analysis import keys
 from data_tools.constants import ATYPICAL, LABEL_NAMES, NORMAL
+from data_tools.folds import balance_count
 from data_tools.provenance import LeakageError, fold_train_ids, ids_digest, synthetic_provenance
 from data_tools.store import Store, StoreError, open_store, write_store
 from models.generator import Generator, reconstruct
 from models.generator_quality import quality_report
 from models.sampling import SAMPLERS, generate
-from pipelines.common import log_params, log_store, pick_device, step_parser, step_run
+from models.checkpoint import resolve_device
+from pipelines.common import log_params, log_store, step_parser, step_run
 from pipelines.generator_finetune import download_generator
 from pipelines.profiles import resolve
-
-
-def balance_count(store: Store, k: int) -> int:
-    """Atypical crops that bring fold k's training split to 50/50."""
-    labels = store.index["label"].to_numpy()[store.fold_rows(k)[0]]
-    return max(0, int((labels == NORMAL).sum() - (labels == ATYPICAL).sum()))
 
 
 def fold_runs(client: MlflowClient, finetune_run_id: str) -> dict[int, str]:
@@ -45,7 +41,7 @@ def fold_runs(client: MlflowClient, finetune_run_id: str) -> dict[int, str]:
         raise ValueError(f"run {finetune_run_id} is not a {keys.GENERATOR_FINETUNE} run "
                          f"(step tag {parent.data.tags.get(keys.STEP)!r})")
     children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{finetune_run_id}' and attributes.status = 'FINISHED'")
+                                  f"tags.`{keys.PARENT_RUN}` = '{finetune_run_id}' and attributes.status = 'FINISHED'")
     runs = {int(r.data.tags[keys.FOLD]): r.info.run_id for r in children if keys.FOLD in r.data.tags}
     if not runs:
         raise ValueError(f"finetune run {finetune_run_id} has no finished fold runs")
@@ -122,7 +118,7 @@ def main(argv: list[str] | None = None) -> str:
     if not given.get("finetune_run_id"):
         raise SystemExit("synthesize needs --finetune_run_id (a finished generator_finetune run)")
     cfg = SynthConfig.from_params(given)
-    device = pick_device(given["device"])
+    device = resolve_device(given["device"])
     client = MlflowClient()
     finetune = client.get_run(cfg.finetune_run_id)
     folds = fold_runs(client, cfg.finetune_run_id)
@@ -134,7 +130,7 @@ def main(argv: list[str] | None = None) -> str:
             tempfile.TemporaryDirectory() as tmp:
         run_id = run.info.run_id
         out_root = Path(cfg.out).resolve() / run_id
-        log_params({keys.P_FINETUNE_RUN_ID: cfg.finetune_run_id, keys.P_GENERATOR_RUN_ID: cfg.finetune_run_id,
+        log_params({keys.P_FINETUNE_RUN_ID: cfg.finetune_run_id,
                     keys.P_PRETRAIN_RUN_ID: finetune.data.params.get(keys.P_PRETRAIN_RUN_ID, ""),
                     keys.P_N_ATYPICAL: cfg.n_atypical, keys.P_N_NORMAL: cfg.n_normal, keys.P_SAMPLER: cfg.sampler,
                     keys.P_STEPS: cfg.steps, keys.P_GUIDANCE: cfg.guidance, keys.P_SEED: cfg.seed, keys.P_OUT: cfg.out,
@@ -146,7 +142,8 @@ def main(argv: list[str] | None = None) -> str:
             if trained_on != ids_digest(fold_train_ids(real, k)):
                 raise LeakageError(f"fold {k}'s generator (run {fold_run_id}) did not train on exactly fold {k}'s "
                                    f"training ids of {real.path}")
-            gen = Generator.load(download_generator(fold_run_id, Path(tmp) / f"fold{k}"), device)
+            gen = Generator.load(download_generator(fold_run_id, Path(tmp) / f"fold{k}", (keys.VAE_DIR, keys.DIT_DIR)),
+                                 device)
             store, metrics, grids = synthesize_fold(cfg, real, k, gen, fold_run_id, run_id, out_root / f"fold{k}")
             log_params({keys.synth_store_param(k): str(store.path), keys.synth_digest_param(k): store.digest})
             mlflow.log_metrics({keys.fold_metric(k, name): v for name, v in metrics.items() if np.isfinite(v)})

@@ -40,7 +40,6 @@ from models.training import FoldResult, TrainConfig, train_fold
 from pipelines.common import code_version, log_params, log_store, step_parser
 from pipelines.profiles import base_profile, resolve
 
-PARENT_RUN = "mlflow.parentRunId"
 PARENT_SETTLE_S = 3.0
 
 
@@ -167,7 +166,7 @@ def open_parent(cfg: TrainCVConfig, store: Store, key: str) -> str:
     active = mlflow.active_run()
     tags = {keys.TRAIN_CV_KEY: key, keys.STEP: keys.TRAIN_CV}
     if active:  # called in-process inside another run (e.g. a workflow): nest under it
-        tags[PARENT_RUN] = active.info.run_id
+        tags[keys.PARENT_RUN] = active.info.run_id
     created = client.create_run(experiment_id, tags=tags, run_name=run_name(cfg)).info.run_id
     oldest = _settled_oldest_parent(client, experiment_id, key)
     if oldest != created:  # another job created one at the same moment: join the older one
@@ -182,7 +181,7 @@ def run_name(cfg: TrainCVConfig) -> str:
 def fold_runs(client: MlflowClient, parent_id: str) -> dict[int, list]:
     """{k: fold runs of the parent, newest first}."""
     exp = client.get_run(parent_id).info.experiment_id
-    runs = client.search_runs([exp], f"tags.`{PARENT_RUN}` = '{parent_id}'", order_by=["attributes.start_time DESC"],
+    runs = client.search_runs([exp], f"tags.`{keys.PARENT_RUN}` = '{parent_id}'", order_by=["attributes.start_time DESC"],
                               max_results=1000)
     out: dict[int, list] = {}
     for r in runs:

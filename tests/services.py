@@ -68,6 +68,15 @@ def wait_http(url: str, timeout: float = 90, proc: subprocess.Popen | None = Non
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate a server process; kill it if it does not go within 20 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 @contextlib.contextmanager
 def mlflow_server(backend_uri: str, artifacts: Path, *, ui: bool = False) -> Iterator[str]:
     """`mlflow server` (or `mlflow ui`) on a free 127.0.0.1 port; yields its http URL."""
@@ -82,8 +91,4 @@ def mlflow_server(backend_uri: str, artifacts: Path, *, ui: bool = False) -> Ite
         wait_http(url + "/health", proc=proc)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)

@@ -101,7 +101,10 @@ def test_samplers_give_crops_of_the_right_shape_and_range(trained, sampler, step
     # a crop depends on its seed, not on the batch it was drawn in (up to float rounding of other batch shapes)
     assert np.abs(a.astype(int) - b).max() <= 3
     assert np.abs(a[0].astype(int) - a[3]).mean() > 1, "different seeds, different crops"
-    assert sampler in SAMPLERS
+
+
+def test_every_sampler_is_tested():
+    assert set(SAMPLERS) == {"ddpm", "ddim", "dpmsolver++"}
 
 
 def test_training_resumes_after_a_kill_where_it_stopped(thumb_stores, tmp_path):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, recall_score, roc_auc_score
 
 from analysis.metrics import (_weighted_metrics, ba_optimal_threshold, binary_metrics, bootstrap_metrics,
                               mean_and_population_sd)
@@ -130,7 +130,11 @@ def test_metrics_bootstrap_and_threshold():
     p = np.clip(y * 0.3 + rng.normal(0.35, 0.2, 300), 0, 1).round(2)  # ties on purpose
     m = binary_metrics(y, p, 0.5)
     assert m["auroc"] == pytest.approx(roc_auc_score(y, p))
-    assert m["ba"] == pytest.approx((m["sensitivity"] + m["specificity"]) / 2)
+    pred = p >= 0.5  # the threshold is inclusive
+    assert m["sensitivity"] == pytest.approx(recall_score(y, pred))
+    assert m["specificity"] == pytest.approx(recall_score(1 - y, ~pred))
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert m["ba"] == pytest.approx(balanced_accuracy_score(y, pred))
     w = rng.multinomial(300, np.full(300, 1 / 300), size=3).astype(float)  # resamples as weights
     fast = _weighted_metrics(y, p, w, 0.5)["auroc"]
     for b in range(3):
@@ -138,7 +142,7 @@ def test_metrics_bootstrap_and_threshold():
         assert fast[b] == pytest.approx(roc_auc_score(y[idx], p[idx]))
     ci = bootstrap_metrics(y, p, 0.5, n_boot=200)
     for name, (point, lo, hi) in ci.items():
-        assert lo <= point <= hi, name
+        assert lo <= point <= hi and hi - lo < 0.5, name
     t = ba_optimal_threshold(y, p)
     best = max(binary_metrics(y, p, c)["ba"] for c in np.unique(p))
     assert binary_metrics(y, p, t)["ba"] == pytest.approx(best)

@@ -91,7 +91,8 @@ def paper_runs(tracking):
     ids = {}
     for i, key in enumerate(PAPER_T1):
         ids[key] = log_train(key, PAPER_T1[key], oof=oof_frame(seed=i, shift=0.1 * i))
-        preds = pd.DataFrame({"sample_id": ["t0", "t1", "t2", "t3"], "label": [0, 1, 0, 1], "prob": [0.1, 0.8, 0.3, 0.6 - 0.1 * i]})
+        preds = pd.DataFrame({"sample_id": ["t0", "t1", "t2", "t3", "t4"], "label": [0, 1, 0, 1, -1],  # t4 unlabelled
+                              "prob": [0.1, 0.8, 0.3, 0.6 - 0.1 * i, 0.5]})
         log_eval(ids[key], PAPER_T2[key], predictions=preds)
     log_train(("lunit", "real_only"), [0.99] * 5, status="FAILED")
     return {"ids": ids, "old": old}

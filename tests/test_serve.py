@@ -12,7 +12,6 @@ import urllib.request
 import mlflow
 import numpy as np
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -22,16 +21,7 @@ from data_tools.inputs import encode_png_base64
 from models.ensemble import FoldEnsemble
 from pipelines import report
 
-from services import free_port, wait_http
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: a second OpenMP thread only waits for a busy core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from services import free_port, stop, wait_http
 
 
 def post(url: str, payload: dict) -> tuple[int, dict]:
@@ -86,8 +76,4 @@ def test_registered_ensemble_serves_predictions_over_http(tracking, tiny_train_r
         status, body = post(url, {"dataframe_split": {"columns": ["image"], "data": [["bm90IGFuIGltYWdl"]]}})
         assert status >= 400 and "row 0" in json.dumps(body)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)

@@ -17,7 +17,7 @@ from data_tools.constants import ATYPICAL, NORMAL
 from data_tools.provenance import LeakageError, check_synthetic_for_fold, fold_train_ids
 from data_tools.store import REQUIRED_COLUMNS, open_store
 from pipelines.generator_finetune import check_pretraining
-from pipelines.synthesize import balance_count
+from data_tools.folds import balance_count
 
 ROOT = Path(__file__).resolve().parents[1]
 

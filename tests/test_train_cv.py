@@ -18,11 +18,11 @@ from PIL import Image
 from analysis import keys
 from conftest import shared_data
 from data_tools.demo import make_demo
-from data_tools.folds import assign_folds
+from data_tools.folds import assign_folds, balance_count
 from data_tools.provenance import LeakageError, fold_train_ids, synthetic_provenance
 from data_tools.store import write_store
 from models.backbones import resolve_backbone
-from models.training import TrainConfig, train_fold
+from models.training import TrainConfig, fold_pools, train_fold
 from pipelines.train_cv import TrainCVConfig, run_train_cv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,6 +195,19 @@ def test_synth_balanced_adds_fold_k_synthetic_atypical_crops(demo_store, trackin
     assert child.data.tags["synthetic_digest"] == good.digest
     val = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=child.info.run_id, artifact_path=keys.VAL_PREDICTIONS))
     assert not val["sample_id"].str.startswith("syn").any() and len(val) == int(p[keys.P_N_VAL])
+
+
+def test_synthetic_count_balances_the_fold_or_follows_n_synthetic(demo_store, tmp_path):
+    k = 2
+    deficit = balance_count(demo_store, k)
+    labels = demo_store.index["label"].to_numpy()[demo_store.fold_rows(k)[0]]
+    assert deficit == (labels == 0).sum() - (labels == 1).sum() > 12
+    big = _synthetic_store(tmp_path / "big", demo_store, k, fold_train_ids(demo_store, k), n=deficit + 5)
+    for n_synthetic, expected in ((None, deficit), (12, 12)):
+        cfg = TrainConfig(backbone="convnext", profile="demo", n_synthetic=n_synthetic)
+        train, val, n_syn = fold_pools(cfg, demo_store, k, big)
+        assert n_syn == expected and len(train) == len(labels) + expected
+        assert len(val) == len(demo_store.fold_rows(k)[1])
 
 
 def test_mlflow_run_from_the_command_line(demo_store, tracking, tmp_path):

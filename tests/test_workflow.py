@@ -10,6 +10,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from analysis import keys
+from pipelines.common import code_version
+from pipelines.main import Workflow
 from services import mlflow_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +62,8 @@ def test_main_runs_every_step_and_prints_the_tables(workflow):
     assert counts == {keys.PREPARE_DATA: 3, keys.GENERATOR_PRETRAIN: 1, keys.GENERATOR_FINETUNE: 1,
                       keys.SYNTHESIZE: 1, keys.TRAIN_CV: 4, keys.EVALUATE: 4, keys.REPORT: 1}
     version = client.get_model_version_by_alias(keys.MODEL_NAME, keys.SUBMISSION_ALIAS)
-    assert version.version
+    [report] = [r for r in steps if r.data.tags[keys.STEP] == keys.REPORT]
+    assert version.tags["train_run_id"] == report.data.tags[keys.SELECTED_TRAIN_RUN]
 
 
 def test_real_only_training_runs_beside_the_generator(workflow):
@@ -111,3 +114,24 @@ def test_mlflow_ui_shows_every_backbone_and_regime(workflow):
     assert set(rows) == {(b, g) for b in ("convnext", "lunit") for g in keys.REGIMES}
     for metrics in rows.values():
         assert 0.0 <= metrics[keys.CV_AUROC_MEAN] <= 1.0 and keys.CV_BA_STD in metrics
+
+
+def test_a_step_is_reused_only_with_the_same_params_code_and_data(tracking, demo_store):
+    """Workflow.finished_run, on runs logged here: the reuse key is params + code version + data digest."""
+    client = MlflowClient()
+    exp = client.create_experiment("reuse")
+    flow = Workflow("demo", parent_run_id="", experiment_id=exp, client=client)
+    tags = {keys.STEP: keys.TRAIN_CV, keys.CODE_VERSION: code_version(), keys.DATASET_DIGEST: demo_store.digest}
+    done = client.create_run(exp, tags=tags).info.run_id
+    client.log_param(done, "profile", "demo")
+    client.log_param(done, "epochs", "1")
+    client.set_terminated(done)
+    data = str(demo_store.path)
+    assert flow.finished_run(keys.TRAIN_CV, {"profile": "demo", "epochs": "1"}, data) == done
+    assert flow.finished_run(keys.TRAIN_CV, {"profile": "demo", "epochs": "2"}, data) is None
+    assert flow.finished_run(keys.EVALUATE, {"profile": "demo", "epochs": "1"}, data) is None
+    client.set_tag(done, keys.DATASET_DIGEST, "other data")
+    assert flow.finished_run(keys.TRAIN_CV, {"profile": "demo", "epochs": "1"}, data) is None
+    client.set_tag(done, keys.DATASET_DIGEST, demo_store.digest)
+    client.set_tag(done, keys.CODE_VERSION, "other code")
+    assert flow.finished_run(keys.TRAIN_CV, {"profile": "demo", "epochs": "1"}, data) is None
