@@ -10,7 +10,7 @@ import subprocess
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -19,6 +19,7 @@ from analysis import keys
 from data_tools.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 # steps download many small artifacts (fold predictions, checkpoints): one bar each buries the output
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -53,24 +54,28 @@ def step_run(step: str, profile: str, run_name: str | None = None, tags: dict[st
         yield run
 
 
+def shared_write(write: Callable[[], T], attempts: int = 3) -> T:
+    """An idempotent write to a run that other jobs write to at the same moment (a joined
+    train_cv parent). MLflow's SQL store checks, then inserts: of two jobs writing the same tag
+    or dataset, one hits the database's unique key. The retry finds the other job's row."""
+    for attempt in range(attempts):
+        try:
+            return write()
+        except MlflowException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+
+
 def log_store(store: Store, context: str) -> None:
     """Record which data a run consumed: the digest tag and an MLflow dataset input."""
     tag = keys.DATASET_DIGEST if context in ("training", "train") else f"{context}_digest"
-    mlflow.set_tag(tag, store.digest)
+    shared_write(lambda: mlflow.set_tag(tag, store.digest))
     with warnings.catch_warnings():  # MLflow's source-type guess and integer-schema hints: noise here
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(store.index, source=str(store.path.resolve()), name=store.name,
                                           digest=store.digest[:32])
-        for attempt in range(3):
-            try:
-                mlflow.log_input(dataset, context=context)
-                return
-            except MlflowException:
-                # concurrent jobs registering the same dataset race on the server's unique key;
-                # the loser's retry finds the winner's row
-                if attempt == 2:
-                    raise
-                time.sleep(0.5 * (attempt + 1))
+        shared_write(lambda: mlflow.log_input(dataset, context=context))
 
 
 def _same_value(a: str, b: str) -> bool:

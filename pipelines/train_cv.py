@@ -30,14 +30,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from analysis import keys
 from analysis.metrics import mean_and_population_sd
 from data_tools.store import Store, open_store
 from models.training import FoldResult, TrainConfig, train_fold
-from pipelines.common import code_version, log_params, log_store, step_parser
+from pipelines.common import code_version, log_params, log_store, shared_write, step_parser
 from pipelines.profiles import base_profile, resolve
 
 PARENT_SETTLE_S = 3.0
@@ -207,8 +207,9 @@ def update_summary(client: MlflowClient, parent_id: str) -> dict[str, float]:
     summary[keys.CV_AUROC_MEAN], summary[keys.CV_AUROC_STD] = mean_and_population_sd(a for a, _ in best.values())
     summary[keys.CV_BA_MEAN], summary[keys.CV_BA_STD] = mean_and_population_sd(b for _, b in best.values())
     now, step = int(time.time() * 1000), len(best)
-    client.log_batch(parent_id, metrics=[Metric(name, float(v), now, step) for name, v in summary.items()])
-    client.set_tag(parent_id, keys.FOLDS_DONE, ",".join(str(k) for k in sorted(best)))
+    metrics = [Metric(name, float(v), now, step) for name, v in summary.items()]
+    done_tag = RunTag(keys.FOLDS_DONE, ",".join(str(k) for k in sorted(best)))
+    shared_write(lambda: client.log_batch(parent_id, metrics=metrics, tags=[done_tag]))
     return summary
 
 
@@ -267,8 +268,8 @@ def run_train_cv(cfg: TrainCVConfig) -> str:
     tags = {keys.STEP: keys.TRAIN_CV, keys.PROFILE: cfg.profile, keys.CODE_VERSION: code_version(),
             keys.BACKBONE: cfg.backbone, keys.REGIME: cfg.regime, keys.TRAIN_CV_KEY: key,
             keys.DATA_PATH: str(Path(cfg.data).resolve())}
-    with mlflow.start_run(run_id=parent_id, nested=nested, tags=tags):
-        mlflow.set_tag("mlflow.runName", run_name(cfg))
+    with mlflow.start_run(run_id=parent_id, nested=nested):
+        shared_write(lambda: mlflow.set_tags({**tags, "mlflow.runName": run_name(cfg)}))
         log_params(params)
         if client.get_run(parent_id).data.tags.get(keys.DATASET_DIGEST) != store.digest:
             log_store(store, "training")
