@@ -1,5 +1,9 @@
 """Every MLflow key name in one place, so that the steps that write runs and the
-analysis that reads them cannot drift apart (DESIGN.md, "MLflow runs")."""
+analysis that reads them cannot drift apart (docs/DESIGN.md, "MLflow runs").
+
+Params are the fields of the step configs (pipelines/config.py): the `P_*` names here are the
+ones other steps read back, and a test checks that each is a field (or a derived param) of
+the step that logs it."""
 
 # tags on every run
 STEP = "step"
@@ -75,6 +79,11 @@ BEST_VAL_AUROC = "best_val_auroc"
 BEST_EPOCH = "best_epoch"
 BEST_VAL_BA = "best_val_ba"  # BA (threshold 0.5) at the epoch of the best validation AUROC
 
+
+def epoch_metrics(m) -> dict[str, float]:
+    """One epoch's metrics (a models.training.EpochMetrics) under their key names."""
+    return {TRAIN_LOSS: m.train_loss, VAL_LOSS: m.val_loss, VAL_AUROC: m.val_auroc, VAL_BA: m.val_ba, LR: m.lr}
+
 # artifacts
 CHECKPOINT_DIR = "checkpoint"  # artifact folder of a fold run: model.safetensors + config.json
 VAL_PREDICTIONS = "val_predictions.csv"  # columns sample_id, label, prob
@@ -91,6 +100,8 @@ MANIFEST_JSON = "manifest.json"
 P_TRAIN_RUN_ID = "train_run_id"
 P_TEST_DIGEST = "test_digest"
 P_THRESHOLD = "threshold"
+N_FOLDS = "n_folds"  # evaluate metric: fold models in the ensemble
+FIG_ROC, FIG_CONFUSION, OVERLAP_CSV = "roc.png", "confusion.png", "overlap.csv"
 TEST_PREFIX = "test_"
 TEST_METRICS = ("auroc", "accuracy", "sensitivity", "specificity", "ba")
 TEST_SET = "test_set"  # tag: the name of the test store (its manifest name)
@@ -154,6 +165,24 @@ def quality_metric(name: str, cls: str | None = None, k: int | None = None) -> s
     """quality_metric("kid", "atypical", 2) -> "fold2_kid_atypical"; without k: the mean over folds."""
     key = name if cls is None else f"{name}_{cls}"
     return key if k is None else fold_metric(k, key)
+
+# tune: the study run and its nested trial runs
+STUDY_TAG = "optuna_study"  # tag on the study run: "<study_name>@<storage>"
+TRIAL = "trial"  # tag on a trial run: the Optuna trial number
+TRIAL_STATE = "trial_state"  # tag: COMPLETE | PRUNED
+OBJECTIVE = "objective"  # trial metric: mean best validation AUROC over the folds
+BEST_VALUE, BEST_LR, BEST_TRIAL, BEST_PARAMS = "best_value", "best_lr", "best_trial", "best_params"
+N_TRIALS_DONE = "n_trials_done"
+
+# main: the workflow run
+P_JOBS = "jobs"
+SECONDS_TOTAL = "seconds_total"
+
+
+def seconds_metric(step: str) -> str:
+    """Wall time the workflow spent in a step, e.g. "seconds_train_cv"."""
+    return f"seconds_{step}"
+
 
 # registered submission model
 MODEL_NAME = "atypical-mitosis-classifier"

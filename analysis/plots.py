@@ -1,4 +1,4 @@
-"""The report's figures: fold AUROCs per row, test ROC curves of all rows, a reliability diagram."""
+"""The figures: fold AUROCs per row, ROC curves (of the report's rows, of evaluate's domains), a reliability diagram."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,16 +42,21 @@ def plot_fold_aurocs(table1: pd.DataFrame, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_rocs(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "Test ROC") -> Path:
-    """ROC curves of all rows on one plot; `curves`: label -> (y_true, prob)."""
-    fig, ax = plt.subplots(figsize=(5, 5))
+def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str = "Test ROC", bold: str | None = None):
+    """ROC curves on one plot, each labelled with its AUROC (%); `curves`: label -> (y_true, prob)."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
     for label, (y, p) in curves.items():
         fpr, tpr, _ = roc_curve(y, p)
-        ax.plot(fpr, tpr, label=f"{label} (AUROC {roc_auc_score(y, p) * 100:.2f})")
+        ax.plot(fpr, tpr, lw=2.2 if label == bold else 1.2, label=f"{label} (AUROC {roc_auc_score(y, p) * 100:.2f})")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=7)
-    return _save(fig, path)
+    return fig
+
+
+def plot_rocs(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "Test ROC") -> Path:
+    """The ROC curves of all rows, saved."""
+    return _save(roc_figure(curves, title), path)
 
 
 def plot_calibration(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, n_bins: int = 10,

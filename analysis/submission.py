@@ -27,7 +27,7 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
-from analysis import keys
+from analysis import keys, runs
 from analysis.queries import EvalRun, TrainRow, missing_fold_runs
 from data_tools.constants import ATYPICAL, LABEL_NAMES, NORMAL
 
@@ -106,8 +106,7 @@ class EnsemblePyfunc(mlflow.pyfunc.PythonModel):
                                    float(config.get("threshold", DEFAULT_THRESHOLD)), "pyfunc")
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from data_tools.images import load_crop
-        from data_tools.inputs import decode_base64_image
+        from data_tools.images import decode_base64_image, load_crop
         params = params or {}
         images = []
         for i, (image, path) in enumerate(zip(_column(model_input, IMAGE_COLUMN), _column(model_input, PATH_COLUMN))):
@@ -143,21 +142,14 @@ def _requirements() -> list[str] | None:
 
 
 def download_checkpoints(row: TrainRow, dst: str | Path) -> dict[str, str]:
-    """{"fold<k>": local checkpoint folder} of the row's fold runs."""
+    """{"fold<k>": local checkpoint folder} of the row's fold runs (all of them, each with its config.json)."""
     lacking = missing_fold_runs(row)
     if lacking:
         raise SelectionError(f"{row.name}: no finished fold run for fold(s) {lacking}")
-    out, client = {}, MlflowClient()
-    for k, child in sorted(row.fold_runs.items()):
-        if not client.list_artifacts(child.info.run_id, keys.CHECKPOINT_DIR):
-            raise SelectionError(f"{row.name}: fold {k} run {child.info.run_id[:8]} has no {keys.CHECKPOINT_DIR}/ artifact")
-        local = mlflow.artifacts.download_artifacts(run_id=child.info.run_id, artifact_path=keys.CHECKPOINT_DIR,
-                                                    dst_path=str(Path(dst) / f"fold{k}"))
-        if not (Path(local) / "config.json").is_file():
-            raise SelectionError(f"{row.name}: fold {k} run {child.info.run_id[:8]} has no "
-                                 f"{keys.CHECKPOINT_DIR}/config.json artifact")
-        out[f"fold{k}"] = local
-    return out
+    try:
+        return {f"fold{k}": path for k, path in runs.download_checkpoints(row.fold_runs, dst).items()}
+    except runs.RunLookupError as e:
+        raise SelectionError(f"{row.name}: {e}") from None
 
 
 def log_ensemble_model(row: TrainRow, threshold: float, *, registered_name: str = keys.MODEL_NAME,
@@ -210,16 +202,6 @@ class Predictor:
         return prob, classes(prob, self.threshold)
 
 
-def latest_threshold(train_run_id: str) -> float | None:
-    """The threshold of the newest finished evaluate run of a train_cv run, if any."""
-    client = MlflowClient()
-    exp = client.get_run(train_run_id).info.experiment_id
-    runs = client.search_runs([exp], f"tags.{keys.STEP} = '{keys.EVALUATE}' and params.{keys.P_TRAIN_RUN_ID} = "
-                                     f"'{train_run_id}' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    return EvalRun(runs[0], "").threshold if runs else None
-
-
 def load_predictor(model: str, device: str = "auto", threshold: float | None = None) -> Predictor:
     """The ensemble behind `model` and its threshold (`threshold` overrides it).
 
@@ -230,9 +212,8 @@ def load_predictor(model: str, device: str = "auto", threshold: float | None = N
     from models.checkpoint import resolve_device
     device = str(resolve_device(device))
     if re.fullmatch(r"[0-9a-f]{32}", model):
-        from models.ensemble import FoldEnsemble
-        ensemble = FoldEnsemble.from_train_run(model, device=device)
-        found = latest_threshold(model)
+        ensemble = runs.load_ensemble(model, device=device)
+        found = runs.latest_threshold(model)
         t = threshold if threshold is not None else (found if found is not None else DEFAULT_THRESHOLD)
         return Predictor(ensemble, float(t), f"train_cv run {model}")
     if "://" not in model and ":/" not in model and not (Path(model) / "MLmodel").is_file():

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import keys
-from analysis.metrics import mean_and_population_sd
+from models.metrics import mean_and_population_sd
 from analysis.queries import EvalRun, TrainRow
 
 BACKBONE_NAMES = {"convnext": "ConvNeXt-Small", "lunit": "Lunit SSL"}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """The paper's values (reference/paper.txt, "Augmentations")."""
+    """The paper's values (the paper, "Augmentations")."""
     scale: tuple[float, float] = (0.95, 1.25)
     translate: float = 0.1  # fraction of the crop size, each axis (torchvision RandomAffine's convention)
     rotate: float = 30.0  # degrees, +-

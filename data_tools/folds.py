@@ -46,3 +46,28 @@ def assign_folds(index: pd.DataFrame, k: int, seed: int) -> tuple[pd.DataFrame, 
             raise FoldError(f"fold {i} of {k} has no {lacking} figures: too few {lacking} groups for {k} folds "
                             f"(try fewer folds or a different seed)")
     return index, spec
+
+
+def parse_fold_list(spec) -> list[int] | None:
+    """"all" / "" / None -> None (every fold); "3,1,3" -> [1, 3] (sorted, repeats dropped)."""
+    text = str(spec if spec is not None else "").strip()
+    if text in ("", "all"):
+        return None
+    try:
+        folds = sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+        raise FoldError(f"folds must be 'all' or a list such as '1,3', got {text!r}") from None
+    if not folds:
+        raise FoldError(f"folds must be 'all' or a list such as '1,3', got {text!r}")
+    return folds
+
+
+def select_folds(spec, available: list[int]) -> list[int]:
+    """The folds `spec` asks for, each checked to be one of the store's."""
+    folds = parse_fold_list(spec)
+    if folds is None:
+        return list(available)
+    unknown = [k for k in folds if k not in available]
+    if unknown:
+        raise FoldError(f"folds {unknown} are not folds of the store (it has {available})")
+    return folds

@@ -7,6 +7,9 @@ because converting them silently would hide a broken export.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,22 +49,44 @@ def as_rgb(array: np.ndarray, where: str, size: int | tuple[int, int] | None = C
     return np.ascontiguousarray(array)
 
 
-def load_crop(path: str | Path, size: int | tuple[int, int] | None = CROP_SIZE) -> np.ndarray:
-    """Decode one image file into uint8 RGB [H, W, 3]; ImageError names the file otherwise."""
-    path = Path(path)
+def decode_image(source: str | Path | bytes, where: str | None = None,
+                 size: int | tuple[int, int] | None = CROP_SIZE) -> np.ndarray:
+    """The one decoder: an image file or encoded bytes (PNG, JPEG, TIFF, ...) -> uint8 RGB [H, W, 3].
+    ImageError names `where` (default: the file) otherwise."""
+    where = where or str(source)
     try:
-        with Image.open(path) as im:
-            mode = im.mode
-            if mode not in ("RGB", "RGBA"):
-                raise ImageError(str(path), f"image mode {mode}, expected RGB")
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source)) as im:
+            if im.mode not in ("RGB", "RGBA"):
+                raise ImageError(where, f"image mode {im.mode}, expected RGB")
             array = np.asarray(im)
     except FileNotFoundError:
-        raise ImageError(str(path), "file not found") from None
+        raise ImageError(where, "file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         if isinstance(e, ImageError):
             raise
-        raise ImageError(str(path), f"cannot decode image ({e})") from None
-    return as_rgb(array, str(path), size)
+        raise ImageError(where, f"cannot decode image ({e})") from None
+    return as_rgb(array, where, size)
+
+
+def load_crop(path: str | Path, size: int | tuple[int, int] | None = CROP_SIZE) -> np.ndarray:
+    """Decode one image file into uint8 RGB [H, W, 3]; ImageError names the file otherwise."""
+    return decode_image(Path(path), str(path), size)
+
+
+def decode_base64_image(text: str, where: str, size: int | None = None) -> np.ndarray:
+    """A base64 string of an encoded image (the REST scoring input) as uint8 RGB."""
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError, TypeError) as e:
+        raise ImageError(where, f"not base64 ({e})") from None
+    return decode_image(data, where, size)
+
+
+def encode_png_base64(image: np.ndarray) -> str:
+    """The inverse, for clients: uint8 RGB [H, W, 3] -> base64 PNG string."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8), "RGB").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def load_crops(paths: Sequence[str | Path], size: int | tuple[int, int] = CROP_SIZE, workers: int | None = None,

@@ -8,16 +8,12 @@ than a skipped crop: a partial answer would be scored as wrong.
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import tifffile
-from PIL import Image, UnidentifiedImageError
 
 from data_tools.images import CROP_SIZE, IMAGE_SUFFIXES, ImageError, as_rgb, load_crop
 from data_tools.store import MANIFEST, open_store
@@ -140,33 +136,3 @@ def load_inputs(path: str | Path, size: int | None = CROP_SIZE) -> Crops:
     if any(p.suffix.lower() in STACK_SUFFIXES for p in path.iterdir()):
         return load_stacks(find_stacks(path), size)
     return load_folder(path, size)
-
-
-def decode_image_bytes(data: bytes, where: str, size: int | None = None) -> np.ndarray:
-    """An encoded image (PNG, JPEG, TIFF, ...) as uint8 RGB [H, W, 3]."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.mode not in ("RGB", "RGBA"):
-                raise ImageError(f"{where}: image mode {im.mode}, expected RGB")
-            array = np.asarray(im)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        if isinstance(e, ImageError):
-            raise
-        raise ImageError(f"{where}: cannot decode image ({e})") from None
-    return as_rgb(array, where, size)
-
-
-def decode_base64_image(text: str, where: str, size: int | None = None) -> np.ndarray:
-    """A base64 string of an encoded image (the REST scoring input) as uint8 RGB."""
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError, TypeError) as e:
-        raise ImageError(f"{where}: not base64 ({e})") from None
-    return decode_image_bytes(data, where, size)
-
-
-def encode_png_base64(image: np.ndarray) -> str:
-    """The inverse, for clients: uint8 RGB [H, W, 3] -> base64 PNG string."""
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, np.uint8), "RGB").save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")

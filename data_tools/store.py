@@ -1,4 +1,4 @@
-"""The dataset store: the one on-disk format every step reads (DESIGN.md, "The dataset store").
+"""The dataset store: the one on-disk format every step reads (docs/DESIGN.md, "The dataset store").
 
 A store is a folder with `images.npy` (uint8 [N, H, W, 3], memory-mapped on read),
 `index.parquet` (one row per image) and `manifest.json` (counts, split spec, provenance,

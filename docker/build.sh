@@ -6,8 +6,8 @@
 # MODEL_URI defaults to the registered submission model (set by the `report` step); the
 # tracking store is the usual one (MLFLOW_TRACKING_URI or ./mlflow.db). Steps:
 #   1. export the model (pyfunc folder: fold checkpoints + config + code) to docker/model;
-#   2. run the container's own command on it outside Docker, on the platform's sample
-#      stack when ../shared/data is present (a broken export fails here, not on the platform);
+#   2. run the container's own command on it outside Docker, on a sample of platform stacks
+#      when SAMPLE_INPUT names a folder of them (a broken export fails here, not on the platform);
 #   3. docker build, and save a gzipped image for upload.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +18,8 @@ PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo py
 rm -rf docker/model
 "$PYTHON" -m pipelines.predict --model "$MODEL" --export docker/model
 
-SAMPLE=../shared/data/gc_interface
-if [ -d "$SAMPLE" ]; then
+SAMPLE="${SAMPLE_INPUT:-}"
+if [ -n "$SAMPLE" ] && [ -d "$SAMPLE" ]; then
   OUT="$(mktemp -d)"
   "$PYTHON" -m pipelines.predict --model docker/model --input "$SAMPLE" \
       --output "$OUT/multiple-mitotic-figure-classification.json"

@@ -15,7 +15,7 @@ import copy
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from data_tools.grids import mosaic
+from data_tools.params import identity_fields, param
 
 from models.generator import (EMA, Generator, diffusion_loss, drop_labels, encode_moments, measure_latent_stats,
                               new_generator, reconstruct, set_latent_stats, to_pixels, vae_loss)
@@ -37,28 +38,25 @@ PREVIEW_SAMPLER = ("ddim", 10, 1.5)  # sampler, steps, guidance of the preview g
 
 @dataclass
 class FitConfig:
-    arch: str = "tiny"
-    vae_epochs: int = 1
-    dit_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 1e-4
-    seed: int = 0
-    vae_crop: int = 0  # train the (convolutional) VAE on random crops of this size; 0 = whole crops
-    kl_weight: float = 1e-3
-    label_dropout: float = 0.1
-    ema_decay: float = 0.9999
-    num_train_timesteps: int = 1000
-    preview_every: int = 0  # epochs between preview grids; 0 = only after the last epoch; -1 = none
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "FitConfig":
-        """From resolved step parameters (strings or numbers); keys that are not fields are ignored."""
-        given = {f.name: f for f in fields(cls) if params.get(f.name) not in (None, "")}
-        return cls(**{name: type(f.default)(params[name]) for name, f in given.items()})
+    """How the generator is trained (both stages); the generator steps' configs extend it."""
+    arch: str = param("generator size: tiny | small | base (models.generator.ARCHS)")
+    vae_epochs: int = param("VAE epochs (0: keep the VAE as it is)")
+    dit_epochs: int = param("DiT epochs")
+    batch_size: int = param("batch size of both stages")
+    lr: float = param("AdamW learning rate")
+    seed: int = param("seed of the initialisation, data order and noise")
+    vae_crop: int = param("train the (convolutional) VAE on random crops of this size; 0 = whole crops")
+    kl_weight: float = param("weight of the VAE's KL term")
+    label_dropout: float = param("classifier-free guidance: P(label -> null), per sample (no labels: unused)")
+    ema_decay: float = param("EMA decay of the DiT weights that are kept")
+    num_train_timesteps: int = param("DDPM timesteps")
+    preview_every: int = param("epochs between preview grids; 0 = only after the last epoch; -1 = none",
+                               identity=False)
 
     def fingerprint(self, **identity: Any) -> str:
-        """A short hash of this config plus what was trained on (data, ids, start weights)."""
-        blob = json.dumps({**asdict(self), "preview_every": None, **identity}, sort_keys=True, default=str)
+        """A short hash of FitConfig's identity fields plus what was trained on (data, ids, start weights)."""
+        blob = json.dumps({**{n: getattr(self, n) for n in identity_fields(FitConfig)}, **identity},
+                          sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from analysis import keys
-from analysis.metrics import binary_metrics
+from models.metrics import binary_metrics
 from data_tools.augment import augment_and_preprocess, preprocess, preset
 from data_tools.batches import CropPool, concat_pools, iterate_batches, pool_from_store
 from data_tools.constants import ATYPICAL, NORMAL
 from data_tools.folds import balance_count
 from data_tools.provenance import check_synthetic_for_fold
+from data_tools.params import identity_fields, param
 from data_tools.store import Store
 from models.backbones import BackboneSpec, resolve_backbone
 from models.checkpoint import resolve_device, save_checkpoint
@@ -46,25 +46,38 @@ STATE, BEST, BEST_PREDICTIONS = "state.pt", "best", "best_val_predictions.csv"
 
 @dataclass
 class TrainConfig:
-    backbone: str = "convnext"
-    profile: str = "demo"
-    epochs: int = 4
-    batch_size: int = 32
-    lr: float | None = None  # None: the backbone's default
-    seed: int = 0
-    pretrained: str = "none"  # none | hub | path to a weights file
-    device: str = "auto"
-    restart_epochs: int = 5  # cosine annealing restarts every this many epochs
-    n_synthetic: int | None = None  # synthetic atypical crops per fold; None: as many as balance the classes
-    augment: str = "paper"  # paper | flips | none (data_tools.augment.PRESETS)
-    eval_batch_size: int = 128
-    prefetch: int = 2  # batches gathered ahead by a background thread
+    """How one fold is trained. `train_cv`'s config extends this class, so the loop receives it."""
+    backbone: str = param("convnext | lunit | lunit_s16 | a timm model name")
+    backbone_set: str = param("what the names mean: paper (the paper's networks) | demo (small members, 48 px)")
+    epochs: int = param("epochs per fold")
+    batch_size: int = param("training batch size")
+    lr: float | None = param("learning rate (none: the backbone's default)")
+    seed: int = param("seed of the initialisation, data order and augmentation")
+    restart_epochs: int = param("cosine annealing restarts every this many epochs")
+    pretrained: str = param("hub | none | a local weights file")
+    device: str = param("auto | cpu | cuda", identity=False)
+    n_synthetic: int | None = param("synthetic atypical crops per fold (balance: as many as balance the classes)",
+                                     none="balance")
+    augment: str = param("paper | flips | none (data_tools.augment.PRESETS)")
+
+    EVAL_BATCH_SIZE: ClassVar[int] = 128
+    PREFETCH: ClassVar[int] = 2  # batches gathered ahead by a background thread
 
     def spec(self) -> BackboneSpec:
-        return resolve_backbone(self.backbone, self.profile)
+        return resolve_backbone(self.backbone, self.backbone_set)
 
     def learning_rate(self) -> float:
         return float(self.lr) if self.lr is not None else self.spec().default_lr
+
+
+@dataclass
+class EpochMetrics:
+    """What one epoch measured; the step module logs it under its MLflow key names."""
+    train_loss: float
+    val_loss: float
+    val_auroc: float
+    val_ba: float
+    lr: float
 
 
 @dataclass
@@ -75,7 +88,7 @@ class FoldResult:
     best_epoch: int
     val_predictions: pd.DataFrame  # sample_id, label, prob, domain at the best epoch
     checkpoint: Path  # folder: model.safetensors + config.json
-    history: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics, epoch 1 first
+    history: list[EpochMetrics] = field(default_factory=list)  # epoch 1 first
     n_train_real: int = 0
     n_train_synthetic: int = 0
     n_val: int = 0
@@ -124,8 +137,8 @@ def fold_pools(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None) 
 
 
 def _fingerprint(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None, n_syn: int) -> str:
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-              if f.name not in ("device", "prefetch", "eval_batch_size")}
+    """What this fold's training state depends on: TrainConfig's identity fields and the data."""
+    fields = {name: getattr(cfg, name) for name in identity_fields(TrainConfig)}
     blob = json.dumps({"cfg": fields, "lr": cfg.learning_rate(), "data": store.digest, "fold": k,
                        "synthetic": synthetic.digest if synthetic is not None else None, "n_syn": n_syn},
                       sort_keys=True, default=str)
@@ -176,7 +189,7 @@ def _train_epoch(model, opt, sched, pool: CropPool, spec: BackboneSpec, cfg: Tra
             return preprocess(images, spec.input_size, spec.mean, spec.std, device)
         return augment_and_preprocess(images, spec.input_size, spec.mean, spec.std, device, gen, aug)
 
-    bar = tqdm(iterate_batches(pool, cfg.batch_size, order, prefetch=cfg.prefetch, pin=cuda), total=n_batches,
+    bar = tqdm(iterate_batches(pool, cfg.batch_size, order, prefetch=cfg.PREFETCH, pin=cuda), total=n_batches,
                desc=f"fold {k} epoch {epoch}/{cfg.epochs}", leave=False, mininterval=2.0)
     for images, labels, _ in bar:
         x = prepare(images)  # in the step's thread: a second thread would fight the model's threads on a CPU
@@ -196,11 +209,11 @@ def _train_epoch(model, opt, sched, pool: CropPool, spec: BackboneSpec, cfg: Tra
 
 def train_fold(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None = None,
                workdir: str | Path = ".train_work",
-               on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> FoldResult:
+               on_epoch: Callable[[int, EpochMetrics], None] | None = None) -> FoldResult:
     """Train fold k (resuming from `workdir` when it holds this training's state).
 
-    `on_epoch(epoch, metrics)` runs after every epoch (1-based) with train_loss, val_loss,
-    val_auroc, val_ba and lr; whatever it raises (e.g. optuna.TrialPruned) propagates.
+    `on_epoch(epoch, metrics)` runs after every epoch (1-based); whatever it raises (e.g.
+    optuna.TrialPruned) propagates.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -235,22 +248,21 @@ def train_fold(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None =
         lr = opt.param_groups[0]["lr"]
         t0 = time.perf_counter()
         train_loss = _train_epoch(model, opt, sched, train_pool, spec, cfg, device, k, epoch)
-        probs, val_loss = predict_pool(model, spec, val_pool, device, cfg.eval_batch_size)
+        probs, val_loss = predict_pool(model, spec, val_pool, device, cfg.EVAL_BATCH_SIZE)
         m = binary_metrics(val_y, probs, 0.5)
-        metrics = {keys.TRAIN_LOSS: train_loss, keys.VAL_LOSS: val_loss, keys.VAL_AUROC: m["auroc"],
-                   keys.VAL_BA: m["ba"], keys.LR: lr}
+        metrics = EpochMetrics(train_loss, val_loss, m["auroc"], m["ba"], lr)
         tqdm.write(f"fold {k} epoch {epoch}/{cfg.epochs}: train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
                    f"val_auroc {m['auroc']:.4f} val_ba {m['ba']:.4f} ({time.perf_counter() - t0:.1f} s)")
         if m["auroc"] > best["auroc"]:
             best = {"auroc": m["auroc"], "ba": m["ba"], "epoch": epoch}
             save_checkpoint(model, spec, workdir / BEST, extra={
-                "profile": cfg.profile, "backbone": cfg.backbone, "fold": k, "epoch": epoch, "seed": cfg.seed,
+                "backbone_set": cfg.backbone_set, "backbone": cfg.backbone, "fold": k, "epoch": epoch, "seed": cfg.seed,
                 "val_auroc": m["auroc"], "val_ba": m["ba"], "data_digest": store.digest})
             preds = val_pool.frame().assign(prob=probs.astype(np.float64))[["sample_id", "label", "prob", "domain"]]
             tmp = workdir / (BEST_PREDICTIONS + ".tmp")
             preds.to_csv(tmp, index=False)
             os.replace(tmp, workdir / BEST_PREDICTIONS)
-        history.append(metrics)
+        history.append(dataclasses.asdict(metrics))
         if on_epoch is not None:
             on_epoch(epoch, metrics)
         _save_atomic({"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
@@ -270,5 +282,5 @@ def _result(k: int, state: dict, workdir: Path, train_pool: CropPool, val_pool: 
     return FoldResult(fold=k, best_val_auroc=float(best["auroc"]), best_val_ba=float(best["ba"]),
                       best_epoch=int(best["epoch"]),
                       val_predictions=pd.read_csv(workdir / BEST_PREDICTIONS, dtype={"sample_id": str}),
-                      checkpoint=workdir / BEST, history=list(state["history"]), n_train_real=len(train_pool) - n_syn,
+                      checkpoint=workdir / BEST, history=[EpochMetrics(**h) for h in state["history"]], n_train_real=len(train_pool) - n_syn,
                       n_train_synthetic=n_syn, n_val=len(val_pool))

@@ -1,7 +1,6 @@
 """What every step does the same way: its MLflow run, tags, dataset inputs and device."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import hashlib
@@ -16,6 +15,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from analysis import keys
+from data_tools.params import parse_flag
 from data_tools.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,12 +35,6 @@ def code_version() -> str:
         return sha + (f"-dirty-{hashlib.sha256(diff.encode()).hexdigest()[:10]}" if diff else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def step_parser(step: str, doc: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m pipelines.{step}", description=doc)
-    parser.add_argument("--profile", default="demo", help="defaults for everything not given (demo | paper)")
-    return parser
 
 
 @contextlib.contextmanager
@@ -79,12 +73,15 @@ def log_store(store: Store, context: str) -> None:
 
 
 def _same_value(a: str, b: str) -> bool:
+    """The same value as typed by the user and as resolved: "1e-3" / "0.001", "yes" / "true"."""
     if a == b:
         return True
-    try:
-        return float(a) == float(b)
-    except ValueError:
-        return False
+    for parse in (float, parse_flag):
+        try:
+            return parse(a) == parse(b)
+        except ValueError:
+            continue
+    return False
 
 
 def log_params(params: dict) -> None:

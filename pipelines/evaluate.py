@@ -22,16 +22,16 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
 
-from analysis import keys  # noqa: E402
-from analysis.metrics import METRICS, ba_optimal_threshold, bootstrap_metrics  # noqa: E402
+from analysis import keys, runs  # noqa: E402
+from analysis.plots import roc_figure  # noqa: E402
 from data_tools.constants import ATYPICAL, NORMAL  # noqa: E402
+from data_tools.params import param  # noqa: E402
 from data_tools.store import Store, open_store  # noqa: E402
-from models.ensemble import FoldEnsemble, finished_fold_runs  # noqa: E402
-from models.checkpoint import resolve_device
-from pipelines.common import log_params, log_store, step_parser, step_run  # noqa: E402
-from pipelines.profiles import resolve  # noqa: E402
+from models.checkpoint import resolve_device  # noqa: E402
+from models.metrics import METRICS, ba_optimal_threshold, bootstrap_metrics  # noqa: E402
+from pipelines.common import log_params, log_store, step_run  # noqa: E402
+from pipelines.config import StepConfig, as_params, from_cli  # noqa: E402
 
 
 class OverlapError(RuntimeError):
@@ -39,28 +39,25 @@ class OverlapError(RuntimeError):
 
 
 @dataclass
-class EvaluateConfig:
-    train_run_id: str
-    test_data: str
-    threshold: str = "0.5"  # "0.5", any number in [0, 1], or "cv_ba"
-    allow_overlap: bool = False
-    device: str = "auto"
-    n_boot: int = 1000
-    batch_size: int = 64
-    tta: bool = False
-    profile: str = "demo"
+class EvaluateConfig(StepConfig):
+    train_run_id: str = param("train_cv parent run whose fold ensemble is evaluated", required=True)
+    test_data: str = param("test store folder", required=True)
+    threshold: str = param("0.5 (the paper) | a number in [0, 1] | cv_ba (BA-optimal on the out-of-fold predictions)")
+    allow_overlap: bool = param("go on when the test store shares images with the training store (ids logged)")
+    device: str = param("auto | cpu | cuda", identity=False)
+    n_boot: int = param("bootstrap resamples of the 95% intervals")
+    batch_size: int = param("inference batch size", identity=False)
+    tta: bool = param("average over the four flips")
+
+    STEP = keys.EVALUATE
+
+
+CONFIG = EvaluateConfig
 
 
 def oof_predictions(train_run_id: str) -> pd.DataFrame:
-    """The pooled out-of-fold validation predictions of a train_cv run's fold runs."""
-    parts = []
-    for k, run_id in sorted(finished_fold_runs(train_run_id).items()):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=keys.VAL_PREDICTIONS, dst_path=tmp)
-            parts.append(pd.read_csv(path, dtype={"sample_id": str}).assign(fold=k))
-    if not parts:
-        raise LookupError(f"train_cv run {train_run_id} has no finished fold runs")
-    return pd.concat(parts, ignore_index=True)
+    """The pooled out-of-fold validation predictions of a train_cv run's complete fold set."""
+    return runs.oof_predictions(runs.complete_fold_runs(MlflowClient(), train_run_id))
 
 
 def choose_threshold(spec: str, train_run_id: str) -> float:
@@ -120,20 +117,11 @@ def domain_metrics(frame: pd.DataFrame, threshold: float, n_boot: int, seed: int
     return out
 
 
-def roc_figure(frame: pd.DataFrame, metrics: dict[str, float]):
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    for domain, g in [(None, frame)] + list(frame.groupby("domain", sort=True)):
-        if g["label"].nunique() < 2:
-            continue
-        fpr, tpr, _ = roc_curve(g["label"], g["prob"])
-        auc = metrics.get(keys.test_metric("auroc", None if domain is None else str(domain)))
-        ax.plot(fpr, tpr, lw=2.2 if domain is None else 1, alpha=1 if domain is None else 0.7,
-                label=f"{'all' if domain is None else domain} ({auc:.3f})")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="Test ROC (AUROC)")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    return fig
+def domain_roc_figure(frame: pd.DataFrame):
+    """ROC of all crops (bold) and of each domain with both classes."""
+    groups = [("all", frame)] + [(str(d), g) for d, g in frame.groupby("domain", sort=True)]
+    curves = {name: (g["label"].to_numpy(), g["prob"].to_numpy()) for name, g in groups if g["label"].nunique() == 2}
+    return roc_figure(curves, "Test ROC (AUROC)", bold="all")
 
 
 def confusion_figure(frame: pd.DataFrame, threshold: float):
@@ -161,46 +149,41 @@ def _shown(metrics: dict[str, float], name: str) -> str:
 def run_evaluate(cfg: EvaluateConfig) -> str:
     """Evaluate and log; returns the evaluate run id."""
     test = open_store(cfg.test_data)
-    client = MlflowClient()
-    train = client.get_run(cfg.train_run_id)
-    if train.data.tags.get(keys.STEP) != keys.TRAIN_CV or keys.FOLD in train.data.tags:
-        raise ValueError(f"run {cfg.train_run_id} is not a train_cv parent run")
+    train = runs.get_run(MlflowClient(), cfg.train_run_id, keys.TRAIN_CV)
+    if runs.is_fold_run(train):
+        raise ValueError(f"run {cfg.train_run_id} is a fold run; give its train_cv parent run")
     threshold = choose_threshold(cfg.threshold, cfg.train_run_id)
     tags = {keys.TEST_SET: test.name, keys.BACKBONE: train.data.tags.get(keys.BACKBONE, ""),
             keys.REGIME: train.data.tags.get(keys.REGIME, "")}
     name = f"evaluate {tags[keys.BACKBONE]} / {tags[keys.REGIME]} on {test.name}"
     with step_run(keys.EVALUATE, cfg.profile, run_name=name, tags=tags) as run:
-        given = mlflow.get_run(run.info.run_id).data.params  # `mlflow run` logged the declared flags as typed
-        log_params({keys.P_TRAIN_RUN_ID: cfg.train_run_id, keys.P_TEST_DIGEST: test.digest,
-                    keys.P_THRESHOLD: cfg.threshold, "n_boot": cfg.n_boot,
-                    **{k: str(v).lower() for k, v in (("allow_overlap", cfg.allow_overlap), ("tta", cfg.tta))
-                       if k not in given}})
+        log_params({**as_params(cfg, identity_only=True), keys.P_TEST_DIGEST: test.digest})
         log_store(test, "test")
         with tempfile.TemporaryDirectory() as tmp:
             overlap = find_test_overlap(cfg.train_run_id, test, cfg.allow_overlap)
             mlflow.log_metrics({keys.P_THRESHOLD: threshold, keys.N_OVERLAP: float(overlap["id_b"].nunique())})
             if len(overlap):
-                overlap.to_csv(Path(tmp) / "overlap.csv", index=False)
-                mlflow.log_artifact(str(Path(tmp) / "overlap.csv"))
+                overlap.to_csv(Path(tmp) / keys.OVERLAP_CSV, index=False)
+                mlflow.log_artifact(str(Path(tmp) / keys.OVERLAP_CSV))
                 if not cfg.allow_overlap:
                     raise OverlapError(
                         f"test store {test.path} shares {overlap['id_b'].nunique()} image(s) with the training store "
                         f"(e.g. {overlap['id_b'].head(5).tolist()}; all in the run's overlap.csv); evaluate on a "
                         f"disjoint test set, or pass allow_overlap=true to go on")
                 print(f"warning: {overlap['id_b'].nunique()} test images overlap the training store (allow_overlap)")
-            ensemble = FoldEnsemble.from_train_run(cfg.train_run_id, resolve_device(cfg.device), dst=Path(tmp) / "folds")
+            ensemble = runs.load_ensemble(cfg.train_run_id, resolve_device(cfg.device), dst=Path(tmp) / "folds")
             prob = ensemble.predict_proba(test.images, batch_size=cfg.batch_size, tta=cfg.tta)
             frame = test.index[["sample_id", "label", "domain"]].assign(prob=prob.astype(np.float64))
             frame["pred"] = (frame["prob"] >= threshold).astype(int)
             frame.to_csv(Path(tmp) / keys.PREDICTIONS, index=False)
             mlflow.log_artifact(str(Path(tmp) / keys.PREDICTIONS))
-            mlflow.log_metric("n_folds", len(ensemble))
+            mlflow.log_metric(keys.N_FOLDS, len(ensemble))
             labelled = frame[frame["label"].isin([NORMAL, ATYPICAL])]
             if len(labelled):
                 metrics = domain_metrics(labelled, threshold, cfg.n_boot)
                 mlflow.log_metrics(metrics)
-                mlflow.log_figure(roc_figure(labelled, metrics), "roc.png")
-                mlflow.log_figure(confusion_figure(labelled, threshold), "confusion.png")
+                mlflow.log_figure(domain_roc_figure(labelled), keys.FIG_ROC)
+                mlflow.log_figure(confusion_figure(labelled, threshold), keys.FIG_CONFUSION)
                 plt.close("all")
                 print(f"{name}: threshold {threshold:.4f}; " + ", ".join(_shown(metrics, m) for m in METRICS))
             else:
@@ -208,25 +191,8 @@ def run_evaluate(cfg: EvaluateConfig) -> str:
     return run.info.run_id
 
 
-def _flag(value) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "y")
-
-
 def main(argv: list[str] | None = None) -> str:
-    p = step_parser(keys.EVALUATE, __doc__)
-    for name, help_ in (("train_run_id", "train_cv parent run"), ("test_data", "test store folder"),
-                        ("threshold", "0.5 | a number | cv_ba"), ("allow_overlap", "true: go on despite overlap"),
-                        ("device", "auto | cpu | cuda"), ("n_boot", "bootstrap resamples"),
-                        ("batch_size", ""), ("tta", "true: average over flips")):
-        p.add_argument(f"--{name}", default="", help=help_)
-    args = p.parse_args(argv)
-    c = resolve(keys.EVALUATE, args.profile, vars(args))
-    if not c.get("train_run_id") or not c.get("test_data"):
-        raise SystemExit("evaluate needs --train_run_id and --test_data")
-    cfg = EvaluateConfig(train_run_id=c["train_run_id"], test_data=c["test_data"], threshold=str(c["threshold"]),
-                         allow_overlap=_flag(c.get("allow_overlap", False)), device=str(c.get("device", "auto")),
-                         n_boot=int(c.get("n_boot", 1000)), batch_size=int(c.get("batch_size", 64)),
-                         tta=_flag(c.get("tta", False)), profile=args.profile)
+    cfg = from_cli(EvaluateConfig, argv, __doc__)
     run_id = run_evaluate(cfg)
     print(json.dumps({"evaluate_run_id": run_id}))
     return run_id

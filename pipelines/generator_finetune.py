@@ -12,33 +12,38 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
 
 from analysis import keys
+from data_tools.folds import select_folds
+from data_tools.params import param
 from data_tools.provenance import LeakageError, fold_train_ids, ids_digest
 from data_tools.store import Store, open_store
 from models.generator import Generator, encode_moments
 from models.generator_training import FitConfig, fit_generator
 from models.checkpoint import resolve_device
-from pipelines.common import log_params, log_store, step_parser, step_run
-from pipelines.generator_pretrain import FIT_PARAMS, add_fit_arguments, epoch_logger, log_generator
-from pipelines.profiles import resolve
-
-FINETUNE_PARAMS = tuple(p for p in FIT_PARAMS if p != "arch") + ("label_dropout",)
+from pipelines.common import log_params, log_store, step_run
+from pipelines.config import StepConfig, as_params, from_cli
+from pipelines.generator_pretrain import epoch_logger, log_generator
 
 
-def parse_folds(spec: str, available: list[int]) -> list[int]:
-    """"all" or a comma list such as "1,3"."""
-    if str(spec).strip() in ("", "all"):
-        return available
-    folds = [int(f) for f in str(spec).split(",") if f.strip()]
-    missing = sorted(set(folds) - set(available))
-    if missing:
-        raise ValueError(f"folds {missing} are not in the store (it has {available})")
-    return folds
+
+@dataclass
+class GeneratorFinetuneConfig(StepConfig, FitConfig):
+    data: str = param("the labelled store with CV folds", identity=False)
+    pretrain_run_id: str = param("generator_pretrain run to start from", required=True)
+    folds: str = param("all, or a list such as 1,3", identity=False)
+    device: str = param("auto | cpu | cuda", identity=False)
+    work_dir: str = param("local folder for the resumable epoch checkpoints", identity=False)
+
+    STEP = keys.GENERATOR_FINETUNE
+
+
+CONFIG = GeneratorFinetuneConfig
 
 
 def download_generator(run_id: str, dst: str | Path, parts: tuple[str, ...] = (keys.VAE_DIR, keys.DIT_DIR, keys.TRAIN_IDS)
@@ -61,55 +66,59 @@ def check_pretraining(pretrain_ids: Path, store: Store) -> None:
                            f"--seed <other> --folds 0)")
 
 
+def encoded_cv_pool(gen: Generator, store: Store, device) -> tuple[np.ndarray, tuple]:
+    """Latent moments of the CV pool, once (every fold keeps the pretrained VAE when vae_epochs is 0),
+    and each store row's position among them."""
+    cv_rows = np.flatnonzero(store.index["fold"].to_numpy() > 0)
+    position = np.full(len(store), -1)
+    position[cv_rows] = np.arange(len(cv_rows))
+    return position, encode_moments(gen.vae, store.images[cv_rows], device=device)
+
+
+def finetune_fold(cfg: GeneratorFinetuneConfig, store: Store, k: int, pretrained: Generator, device,
+                  encoded: tuple | None) -> Path:
+    """One nested fold run: fine-tune on fold k's training ids only, log the generator; returns its work folder."""
+    rows = store.fold_rows(k)[0]
+    moments = None
+    if encoded is not None:
+        position, (mean, std) = encoded
+        moments = (mean[position[rows]], std[position[rows]])
+    ids = fold_train_ids(store, k)
+    digest = ids_digest(ids)
+    workdir = Path(cfg.work_dir) / ("finetune-" + cfg.fingerprint(
+        data=store.digest, fold=k, train_ids=digest, init=cfg.pretrain_run_id))
+    with step_run(keys.GENERATOR_FINETUNE, cfg.profile, run_name=f"fold {k}", tags={keys.FOLD: str(k)}, nested=True):
+        log_params({**as_params(cfg, identity_only=True), keys.FOLD: k, keys.P_TRAIN_IDS_DIGEST: digest,
+                    keys.P_N_TRAIN: len(ids)})
+        gen = fit_generator(store.images[rows], store.index["label"].to_numpy()[rows], cfg, workdir, device=device,
+                            init=pretrained, on_epoch=epoch_logger(), moments=moments)
+        gen.meta.update(trained_on=store.name, data_digest=store.digest, fold=k,
+                        pretrain_run_id=cfg.pretrain_run_id, train_ids_digest=digest)
+        log_generator(gen, ids)
+    print(f"fold {k}: fine-tuned on {len(ids)} crops")
+    return workdir
+
+
 def main(argv: list[str] | None = None) -> str:
-    p = step_parser(keys.GENERATOR_FINETUNE, __doc__)
-    p.add_argument("--data", default="", help="the labelled store with CV folds")
-    p.add_argument("--pretrain_run_id", default="", help="generator_pretrain run to start from")
-    p.add_argument("--folds", default="", help="all, or a comma list")
-    p.add_argument("--label_dropout", default="", help="classifier-free guidance: P(label -> null), per sample")
-    add_fit_arguments(p)
-    args = p.parse_args(argv)
-    cfg = resolve(keys.GENERATOR_FINETUNE, args.profile, vars(args))
-    if not cfg.get("pretrain_run_id"):
-        raise SystemExit("generator_finetune needs --pretrain_run_id (a finished generator_pretrain run)")
-    store = open_store(cfg["data"])
-    folds = parse_folds(cfg["folds"], store.folds)
-    device = resolve_device(cfg["device"])
-    labels = store.index["label"].to_numpy()
+    cfg = from_cli(GeneratorFinetuneConfig, argv, __doc__)
+    store = open_store(cfg.data)
+    folds = select_folds(cfg.folds, store.folds)
+    device = resolve_device(cfg.device)
     workdirs = []
-    with step_run(keys.GENERATOR_FINETUNE, args.profile, run_name=f"finetune {store.name}") as parent, \
+    with step_run(keys.GENERATOR_FINETUNE, cfg.profile, run_name=f"finetune {store.name}") as parent, \
             tempfile.TemporaryDirectory() as tmp:
-        log_params({keys.P_DATA: cfg["data"], keys.P_DATA_PATH: str(store.path.resolve()),
-                    keys.P_PRETRAIN_RUN_ID: cfg["pretrain_run_id"], keys.P_FOLDS: ",".join(map(str, folds)),
-                    **{k: cfg[k] for k in FINETUNE_PARAMS}})
+        log_params({**as_params(cfg), keys.P_DATA_PATH: str(store.path.resolve()),
+                    keys.P_FOLDS: ",".join(map(str, folds))})
         log_store(store, "training")
-        pretrained_dir = download_generator(cfg["pretrain_run_id"], tmp)
+        pretrained_dir = download_generator(cfg.pretrain_run_id, tmp)
         check_pretraining(pretrained_dir / keys.TRAIN_IDS, store)
         pretrained = Generator.load(pretrained_dir, device)
-        fit = FitConfig.from_params({**cfg, "arch": pretrained.meta.get("arch", "tiny")})
-        if fit.vae_epochs == 0:  # every fold keeps the pretrained VAE: encode the CV pool once, not per fold
-            cv_rows = np.flatnonzero(store.index["fold"].to_numpy() > 0)
-            position = np.full(len(store), -1)
-            position[cv_rows] = np.arange(len(cv_rows))
-            mean, std = encode_moments(pretrained.vae, store.images[cv_rows], device=device)
-        for k in folds:
-            rows = store.fold_rows(k)[0]
-            moments = (mean[position[rows]], std[position[rows]]) if fit.vae_epochs == 0 else None
-            ids = fold_train_ids(store, k)
-            digest = ids_digest(ids)
-            workdir = Path(cfg["work_dir"]) / ("finetune-" + fit.fingerprint(
-                data=store.digest, fold=k, train_ids=digest, init=cfg["pretrain_run_id"]))
-            workdirs.append(workdir)
-            with step_run(keys.GENERATOR_FINETUNE, args.profile, run_name=f"fold {k}", tags={keys.FOLD: str(k)},
-                          nested=True):
-                log_params({keys.FOLD: k, keys.P_TRAIN_IDS_DIGEST: digest, keys.P_N_TRAIN: len(ids),
-                            keys.P_PRETRAIN_RUN_ID: cfg["pretrain_run_id"], **{n: cfg[n] for n in FINETUNE_PARAMS}})
-                gen = fit_generator(store.images[rows], labels[rows], fit, workdir, device=device, init=pretrained,
-                                    on_epoch=epoch_logger(), moments=moments)
-                gen.meta.update(trained_on=store.name, data_digest=store.digest, fold=k,
-                                pretrain_run_id=cfg["pretrain_run_id"], train_ids_digest=digest)
-                log_generator(gen, ids)
-            print(f"fold {k}: fine-tuned on {len(ids)} crops")
+        made = pretrained.meta.get("arch", "tiny")
+        if made != cfg.arch:
+            raise ValueError(f"arch={cfg.arch!r}, but pretraining run {cfg.pretrain_run_id} made a {made!r} "
+                             f"generator: pass arch={made}")
+        encoded = encoded_cv_pool(pretrained, store, device) if cfg.vae_epochs == 0 else None
+        workdirs = [finetune_fold(cfg, store, k, pretrained, device, encoded) for k in folds]
     for w in workdirs:
         shutil.rmtree(w, ignore_errors=True)
     print(f"fine-tuned generators: run {parent.info.run_id} (folds {folds})")

@@ -11,21 +11,33 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
 
 from analysis import keys
+from data_tools.params import param
 from data_tools.store import open_store
 from models.generator import Generator
 from models.generator_training import FitConfig, fit_generator
 from models.checkpoint import resolve_device
-from pipelines.common import log_params, log_store, step_parser, step_run
-from pipelines.profiles import resolve
+from pipelines.common import log_params, log_store, step_run
+from pipelines.config import StepConfig, as_params, from_cli
 
-FIT_PARAMS = ("arch", "vae_epochs", "dit_epochs", "batch_size", "lr", "seed", "vae_crop", "kl_weight", "ema_decay",
-              "preview_every")
+
+
+@dataclass
+class GeneratorPretrainConfig(StepConfig, FitConfig):
+    data: str = param("store whose crops (all of them, labels ignored) to pretrain on", identity=False)
+    device: str = param("auto | cpu | cuda", identity=False)
+    work_dir: str = param("local folder for the resumable epoch checkpoints", identity=False)
+
+    STEP = keys.GENERATOR_PRETRAIN
+
+
+CONFIG = GeneratorPretrainConfig
 
 
 def epoch_logger():
@@ -47,27 +59,16 @@ def log_generator(gen: Generator, train_ids: list[str]) -> None:
     mlflow.log_text("\n".join(map(str, train_ids)) + "\n", keys.TRAIN_IDS)
 
 
-def add_fit_arguments(p) -> None:
-    for name in (*FIT_PARAMS, "device", "work_dir"):
-        p.add_argument(f"--{name}", default="")
-
-
 def main(argv: list[str] | None = None) -> str:
-    p = step_parser(keys.GENERATOR_PRETRAIN, __doc__)
-    p.add_argument("--data", default="", help="store whose crops (all of them, labels ignored) to pretrain on")
-    add_fit_arguments(p)
-    args = p.parse_args(argv)
-    cfg = resolve(keys.GENERATOR_PRETRAIN, args.profile, vars(args))
-    fit = FitConfig.from_params(cfg)
-    store = open_store(cfg["data"])
-    device = resolve_device(cfg["device"])
-    workdir = Path(cfg["work_dir"]) / f"pretrain-{fit.fingerprint(data=store.digest)}"
+    cfg = from_cli(GeneratorPretrainConfig, argv, __doc__)
+    store = open_store(cfg.data)
+    device = resolve_device(cfg.device)
+    workdir = Path(cfg.work_dir) / f"pretrain-{cfg.fingerprint(data=store.digest)}"
     ids = store.index["sample_id"].astype(str).tolist()
-    with step_run(keys.GENERATOR_PRETRAIN, args.profile, run_name=f"pretrain {store.name}") as run:
-        log_params({keys.P_DATA: cfg["data"], keys.P_DATA_PATH: str(store.path.resolve()),
-                    **{k: cfg[k] for k in FIT_PARAMS}, keys.P_N_TRAIN: len(store)})
+    with step_run(keys.GENERATOR_PRETRAIN, cfg.profile, run_name=f"pretrain {store.name}") as run:
+        log_params({**as_params(cfg), keys.P_DATA_PATH: str(store.path.resolve()), keys.P_N_TRAIN: len(store)})
         log_store(store, "training")
-        gen = fit_generator(store.images, None, fit, workdir, device=device, on_epoch=epoch_logger())
+        gen = fit_generator(store.images, None, cfg, workdir, device=device, on_epoch=epoch_logger())
         gen.meta.update(trained_on=store.name, data_digest=store.digest, run_id=run.info.run_id)
         log_generator(gen, ids)
     shutil.rmtree(workdir, ignore_errors=True)

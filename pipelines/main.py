@@ -9,7 +9,6 @@ each with its share of the cores.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,10 +21,11 @@ from mlflow.tracking import MlflowClient
 
 from analysis import keys
 from data_tools.store import open_store
-from pipelines.common import ROOT, code_version, step_parser, step_run
-from pipelines.profiles import resolve
-
-BACKBONES = ("convnext", "lunit")
+from data_tools.params import param
+from pipelines.common import ROOT, code_version, step_run
+from pipelines.config import StepConfig, build, from_cli
+from pipelines.generator_pretrain import GeneratorPretrainConfig
+from pipelines.prepare_data import PrepareDataConfig
 
 
 @dataclass
@@ -80,28 +80,47 @@ def threads_per_step(jobs: int) -> None:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
 
 
-def prepare_stores(flow: Workflow, pool: ThreadPoolExecutor, args: argparse.Namespace) -> tuple[str, str, str]:
+@dataclass
+class MainConfig(StepConfig):
+    data: str = param("an existing real store (skips prepare_data)")
+    source: str = param("raw source for prepare_data (default: the profile's)")
+    root: str = param("where the raw source lies")
+    test_data: str = param("test store for evaluate (demo: a held-out demo store)")
+    pool: str = param("store the generator is pretrained on (demo: a separate demo pool; paper: the unlabelled WSI "
+                      "pool from prepare_data source=sliderunner|midogpp)")
+    stores: str = param("folder for the stores the workflow writes")
+    backbones: str = param("comma-separated backbones, one train_cv row per backbone and regime")
+    jobs: int = param("steps run side by side when they do not depend on each other", identity=False)
+    pool_size: int = param("demo: crops of the generator's pretraining pool")
+    test_size: int = param("demo: crops of the held-out test store")
+
+    STEP = keys.MAIN
+
+
+CONFIG = MainConfig
+
+
+def prepare_stores(flow: Workflow, pool: ThreadPoolExecutor, cfg: MainConfig) -> tuple[str, str, str]:
     """(CV store, test store, generator pool): given, or built by prepare_data (the demo builds all three)."""
-    cfg = resolve(keys.PREPARE_DATA, args.profile, {"source": args.source, "root": args.root})
-    sizes = resolve(keys.MAIN, args.profile, {})
-    stores = Path(args.stores).resolve()
-    data, test_data, gen_pool = args.data, args.test_data, args.pool
-    demo = cfg["source"] == "demo"
+    prep = build(PrepareDataConfig, cfg.profile, source=cfg.source, root=cfg.root)
+    stores = Path(cfg.stores).resolve()
+    data, test_data, gen_pool = cfg.data, cfg.test_data, cfg.pool
+    demo = prep.source == "demo"
     todo = []
     if not data:
-        data = str(stores / cfg["source"])
-        todo.append(pool.submit(flow.step, keys.PREPARE_DATA, source=cfg["source"], root=cfg.get("root", ""), out=data))
+        data = str(stores / prep.source)
+        todo.append(pool.submit(flow.step, keys.PREPARE_DATA, source=prep.source, root=prep.root, out=data))
     if not test_data and demo:  # a held-out demo set: other seed, no CV pool
         test_data = str(stores / "demo_test")
         todo.append(pool.submit(flow.step, keys.PREPARE_DATA, source="demo", out=test_data, folds="0",
-                                seed=str(int(cfg["seed"]) + 1), size=str(sizes["test_size"])))
+                                seed=str(prep.seed + 1), size=str(cfg.test_size)))
     if not gen_pool and demo:  # pretraining never sees the CV pool: a pool of its own
         gen_pool = str(stores / "demo_pool")
         todo.append(pool.submit(flow.step, keys.PREPARE_DATA, source="demo", out=gen_pool, folds="0",
-                                seed=str(int(cfg["seed"]) + 2), size=str(sizes["pool_size"])))
+                                seed=str(prep.seed + 2), size=str(cfg.pool_size)))
     for done in todo:
         done.result()
-    gen_pool = gen_pool or resolve(keys.GENERATOR_PRETRAIN, args.profile, {}).get("data", "")
+    gen_pool = gen_pool or build(GeneratorPretrainConfig, cfg.profile).data
     if not Path(gen_pool).joinpath("manifest.json").is_file():
         raise SystemExit(f"no generator pretraining pool at {gen_pool!r}: build one first, e.g. "
                          f"mlflow run . -e prepare_data -P source=sliderunner -P root=<db.sqlite> -P out={gen_pool}")
@@ -123,32 +142,20 @@ def classifier(flow: Workflow, data: str, test_data: str, backbone: str, regime:
 
 
 def main(argv: list[str] | None = None) -> str:
-    p = step_parser(keys.MAIN, __doc__)
-    p.add_argument("--data", default="", help="an existing real store (skips prepare_data)")
-    p.add_argument("--source", default="", help="raw source for prepare_data (default: the profile's)")
-    p.add_argument("--root", default="", help="where the raw source lies")
-    p.add_argument("--test_data", default="", help="test store for evaluate (demo: a held-out demo store)")
-    p.add_argument("--pool", default="", help="store the generator is pretrained on (demo: a separate demo pool; "
-                   "paper: the unlabelled WSI pool from prepare_data source=sliderunner|midogpp)")
-    p.add_argument("--stores", default="stores", help="folder for the stores the workflow writes")
-    p.add_argument("--backbones", default=",".join(BACKBONES))
-    p.add_argument("--jobs", type=int, default=None,
-                   help="steps run side by side when they do not depend on each other (default: the profile's)")
-    args = p.parse_args(argv)
-    if Path(args.profile).is_file():  # steps run in the project folder: give them the file's absolute path
-        args.profile = str(Path(args.profile).resolve())
-    jobs = args.jobs or int(resolve(keys.MAIN, args.profile, {}).get("jobs", 1))
-    threads_per_step(jobs)
+    cfg = from_cli(MainConfig, argv, __doc__)
+    if Path(cfg.profile).is_file():  # steps run in the project folder: give them the file's absolute path
+        cfg.profile = str(Path(cfg.profile).resolve())
+    threads_per_step(cfg.jobs)
     started = time.time()
-    with step_run(keys.MAIN, args.profile, run_name=f"workflow {args.profile}") as run:
-        flow = Workflow(args.profile, run.info.run_id, run.info.experiment_id)
-        mlflow.log_param("jobs", jobs)
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
+    with step_run(keys.MAIN, cfg.profile, run_name=f"workflow {cfg.profile}") as run:
+        flow = Workflow(cfg.profile, run.info.run_id, run.info.experiment_id)
+        mlflow.log_param(keys.P_JOBS, cfg.jobs)
+        with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:
             try:
-                data, test_data, gen_pool = prepare_stores(flow, pool, args)
+                data, test_data, gen_pool = prepare_stores(flow, pool, cfg)
                 # the generator chain is the longest path: it goes first, real-only training beside it
                 synth = pool.submit(generator, flow, gen_pool, data)
-                backbones = args.backbones.split(",")
+                backbones = cfg.backbones.split(",")
                 arms = [pool.submit(classifier, flow, data, test_data, b, keys.REAL_ONLY) for b in backbones]
                 arms += [pool.submit(classifier, flow, data, test_data, b, keys.SYNTH_BALANCED, synth.result())
                          for b in backbones]
@@ -158,8 +165,8 @@ def main(argv: list[str] | None = None) -> str:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
         flow.step(keys.REPORT)
-        mlflow.log_metrics({f"seconds_{k}": v for k, v in flow.timings.items()})
-        mlflow.log_metric("seconds_total", time.time() - started)
+        mlflow.log_metrics({keys.seconds_metric(k): v for k, v in flow.timings.items()})
+        mlflow.log_metric(keys.SECONDS_TOTAL, time.time() - started)
     print(f"[main] workflow finished in {time.time() - started:.0f} s. Open the results with:\n"
           f"  mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}  # then http://127.0.0.1:5000")
     return run.info.run_id

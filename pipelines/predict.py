@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -19,53 +20,50 @@ import mlflow
 from analysis import keys
 from analysis.submission import export_model, load_predictor, write_predictions
 from data_tools.images import ImageError
-from data_tools.inputs import PLATFORM_INPUT, PLATFORM_OUTPUT, InputError, load_inputs
+from data_tools.inputs import InputError, load_inputs
+from data_tools.params import param
 from data_tools.store import StoreError
-from pipelines.common import log_params, step_parser, step_run
-from pipelines.profiles import resolve
+from pipelines.common import log_params, step_run
+from pipelines.config import StepConfig, as_params, from_cli
 
-DEFAULT_MODEL = f"models:/{keys.MODEL_NAME}@{keys.SUBMISSION_ALIAS}"
+@dataclass
+class PredictConfig(StepConfig):
+    model: str = param("model URI (models:/name@alias, runs:/...), a local pyfunc model folder, or a train_cv run id")
+    input: str = param("a platform stack, a folder of stacks or crops, or a store")
+    output: str = param("*.json (the platform's format) or *.csv")
+    tta: bool = param("average over the four flips")
+    batch_size: int = param("inference batch size")
+    device: str = param("auto | cpu | cuda")
+    threshold: float | None = param("override the model's threshold (none: the model's own)")
+    export: str = param("copy the model into this folder (a pyfunc model) and exit")
+
+    STEP = keys.PREDICT
 
 
-def _flag(value) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
+CONFIG = PredictConfig
 
 
 def main(argv: list[str] | None = None) -> Path | None:
-    p = step_parser(keys.PREDICT, __doc__)
-    p.add_argument("--model", default="", help=f"model URI, local pyfunc model folder, or train_cv run id "
-                                                f"(default {DEFAULT_MODEL})")
-    p.add_argument("--input", default="", help=f"stack file, folder of stacks or crops, or a store "
-                                                f"(default {PLATFORM_INPUT})")
-    p.add_argument("--output", default="", help=f"*.json (platform format) or *.csv (default {PLATFORM_OUTPUT})")
-    p.add_argument("--tta", default="", help="true: average over the four flips")
-    p.add_argument("--batch_size", default="")
-    p.add_argument("--device", default="", help="auto | cpu | cuda")
-    p.add_argument("--threshold", default="", help="override the model's threshold")
-    p.add_argument("--export", default="", help="copy --model into this folder (a pyfunc model) and exit")
-    args = p.parse_args(argv)
-    cfg = {"model": DEFAULT_MODEL, "input": PLATFORM_INPUT, "output": PLATFORM_OUTPUT,
-           **resolve(keys.PREDICT, args.profile, vars(args))}
-    if cfg.get("export"):
-        path = export_model(cfg["model"], cfg["export"])
-        print(f"exported {cfg['model']} to {path}")
+    cfg = from_cli(PredictConfig, argv, __doc__)
+    if cfg.export:
+        path = export_model(cfg.model, cfg.export)
+        print(f"exported {cfg.model} to {path}")
         return path
     t0 = time.perf_counter()
     try:
-        crops = load_inputs(cfg["input"])
+        crops = load_inputs(cfg.input)
     except (InputError, ImageError, StoreError) as e:
         raise SystemExit(f"predict: {e}") from None
-    predictor = load_predictor(cfg["model"], cfg["device"], float(cfg["threshold"]) if cfg.get("threshold") else None)
-    prob, cls = predictor.predict(crops.images, tta=_flag(cfg["tta"]), batch_size=int(cfg["batch_size"]))
-    out = write_predictions(cfg["output"], crops.ids, prob, cls)
+    predictor = load_predictor(cfg.model, cfg.device, cfg.threshold)
+    prob, cls = predictor.predict(crops.images, tta=cfg.tta, batch_size=cfg.batch_size)
+    out = write_predictions(cfg.output, crops.ids, prob, cls)
     seconds = time.perf_counter() - t0
     n_atypical = sum(c == "atypical" for c in cls)
     print(f"{len(crops)} crops ({crops.kind}) -> {out}: {n_atypical} atypical at threshold {predictor.threshold:g}, "
           f"{seconds:.1f} s", file=sys.stderr)
     if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`; the container and the CLI only write the output
-        with step_run(keys.PREDICT, args.profile):
-            log_params({k: cfg[k] for k in ("model", "input", "output", "tta", "batch_size", "device")}
-                       | {"threshold": predictor.threshold})
+        with step_run(keys.PREDICT, cfg.profile):
+            log_params({**as_params(cfg), keys.P_THRESHOLD: predictor.threshold})
             mlflow.log_metrics({keys.N_CROPS: len(crops), keys.N_ATYPICAL: n_atypical, keys.PREDICT_SECONDS: seconds})
             mlflow.log_artifact(str(out))
     return out

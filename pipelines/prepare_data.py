@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -15,36 +16,48 @@ import mlflow
 from analysis import keys
 from data_tools.grids import save_grids
 from data_tools.ingest import ADAPTERS, ingest
-from pipelines.common import log_params, log_store, step_parser, step_run
-from pipelines.profiles import resolve
+from data_tools.params import param
+from pipelines.common import log_params, log_store, step_run
+from pipelines.config import StepConfig, as_params, build, parser
+
+
+@dataclass
+class PrepareDataConfig(StepConfig):
+    source: str = param(f"one of {', '.join(sorted(ADAPTERS))}")
+    root: str = param("where the raw source lies (file or folder)")
+    out: str = param("store folder to write (default stores/<source>)")
+    folds: int = param("CV folds (0: no CV pool, e.g. a test set)")
+    seed: int = param("seed of the fold assignment (and of the demo crops)")
+    on_error: str = param("raise | skip (skipped items are listed in the run's skipped.csv)")
+    size: int | None = param("demo only: number of crops")
+
+    STEP = keys.PREPARE_DATA
+
+
+CONFIG = PrepareDataConfig
 
 
 def main(argv: list[str] | None = None):
-    p = step_parser(keys.PREPARE_DATA, __doc__)
-    p.add_argument("--source", default="", help=f"one of {sorted(ADAPTERS)}")
-    p.add_argument("--root", default="", help="where the raw source lies (file or folder)")
-    p.add_argument("--out", default="", help="store folder to write (default stores/<source>)")
-    p.add_argument("--folds", default="", help="CV folds (0: no CV pool, e.g. a test set)")
-    p.add_argument("--seed", default="")
-    p.add_argument("--on_error", default="", help="raise | skip (skipped items are listed in an artifact)")
-    p.add_argument("--size", default="", help="demo only: number of crops")
+    p = parser(PrepareDataConfig, __doc__)
     args, extra = p.parse_known_args(argv)
-    cfg = resolve(keys.PREPARE_DATA, args.profile, vars(args))
-    source = cfg["source"]
-    out = Path(cfg.get("out") or f"stores/{source}")
-    options = {"size": int(cfg["size"])} if source == "demo" and cfg.get("size") else {}
+    args = vars(args)
+    try:
+        cfg = build(PrepareDataConfig, args.pop("profile"), **args)
+    except ValueError as e:
+        p.error(str(e))
+    out = Path(cfg.out or f"stores/{cfg.source}")
+    options = {"size": cfg.size} if cfg.source == "demo" and cfg.size else {}
     options.update(_extra_options(p, extra))
-    store, skipped = ingest(source, cfg.get("root") or None, out, folds=int(cfg["folds"]), seed=int(cfg["seed"]),
-                            on_error=cfg["on_error"], **options)
-    with step_run(keys.PREPARE_DATA, args.profile, run_name=f"prepare {store.name}"):
-        log_params({"source": source, "root": cfg.get("root", ""), "out": str(out), "folds": cfg["folds"],
-                    "seed": cfg["seed"], "on_error": cfg["on_error"], **options})
+    store, skipped = ingest(cfg.source, cfg.root or None, out, folds=cfg.folds, seed=cfg.seed, on_error=cfg.on_error,
+                            **options)
+    with step_run(keys.PREPARE_DATA, cfg.profile, run_name=f"prepare {store.name}"):
+        log_params({**as_params(cfg), "out": str(out), **options})
         log_store(store, "training")
         m = store.manifest
         mlflow.log_metrics({keys.N_IMAGES: m["n"], keys.N_SKIPPED: len(skipped),
                             **{f"n_{k}": v for k, v in m["per_class"].items()}})
         mlflow.log_dict(m, keys.MANIFEST_JSON)
-        if save_grids(store, store.path / keys.GRIDS_DIR, seed=int(cfg["seed"])):
+        if save_grids(store, store.path / keys.GRIDS_DIR, seed=cfg.seed):
             mlflow.log_artifacts(str(store.path / keys.GRIDS_DIR), keys.GRIDS_DIR)
         if len(skipped):
             with tempfile.TemporaryDirectory() as tmp:

@@ -1,10 +1,11 @@
 """Profiles: the defaults of every step, in one place.
 
 `demo` runs the whole workflow on 2 CPU cores in minutes; `paper` holds the protocol of
-`reference/paper.txt` for a GPU. A profile may also be a YAML file of one's own:
-`base: demo` (or `paper`) plus, per step, the values that differ (`train_cv: {epochs: 2}`).
-A parameter given by the user (not None, not "") wins over the profile. Step modules own
-how their values are used; this file only holds them.
+"Is Synthetic Image Augmentation Useful for Imbalanced Classification Problems?" (Benito-Del-Valle
+et al., MIDOG 2025) for a GPU. A profile may also be a YAML file of one's own: `base: demo` (or
+`paper`) plus, per step, the values that differ (`train_cv: {epochs: 2}`). The keys of a step's
+section are the fields of its config (`pipelines/config.py`); a parameter given by the user
+(not None, not "") wins over the profile. See docs/DESIGN.md, "Step configs and profiles".
 """
 from __future__ import annotations
 
@@ -13,64 +14,86 @@ from typing import Any
 
 import yaml
 
+from analysis import keys
+from data_tools.inputs import PLATFORM_INPUT, PLATFORM_OUTPUT
+
+_GENERATOR_COMMON = {"device": "auto", "work_dir": ".work/generator", "num_train_timesteps": 1000}
+_PREDICT = {"model": f"models:/{keys.MODEL_NAME}@{keys.SUBMISSION_ALIAS}", "input": PLATFORM_INPUT,
+            "output": PLATFORM_OUTPUT, "tta": False, "batch_size": 64, "device": "auto", "threshold": None,
+            "export": ""}
+_REPORT = {"experiment": "", "test_set": "", "select_by": "test_auroc", "runs": "", "register": True,
+           "model_name": keys.MODEL_NAME}
+_MAIN = {"data": "", "source": "", "root": "", "test_data": "", "pool": "", "stores": "stores",
+         "backbones": "convnext,lunit"}
+
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "demo": {
         # the demo's generator pool and held-out test set; steps side by side (2 cores: one thread each)
-        "main": {"pool_size": 1000, "test_size": 500, "jobs": 2},
-        "prepare_data": {"source": "demo", "size": 1500, "folds": 5, "seed": 0, "on_error": "raise"},
+        "main": {**_MAIN, "pool_size": 1000, "test_size": 500, "jobs": 2},
+        "prepare_data": {"source": "demo", "root": "", "out": "", "size": 1500, "folds": 5, "seed": 0,
+                         "on_error": "raise"},
         # generator: tiny VAE/DiT, few epochs, lr 1e-3 (the paper's 1e-4 is too slow for minutes on a CPU), the
         # VAE trained on 64 px crops and not fine-tuned, 50 synthetic atypical crops per fold (balancing would
         # take 840: minutes more on 2 cores). Pretraining must not see the CV pool: a separate demo pool.
         # A generator trained for seconds makes blurry crops that are a shortcut to the label: measured, 100 per
         # fold drop the demo ViT's CV AUROC from 0.68 to 0.52, 50 to 0.61, 25 to 0.65 (ConvNeXt: 0.78 -> 0.75).
-        "generator_pretrain": {"data": "stores/demo_pool", "arch": "tiny", "vae_epochs": 1, "dit_epochs": 6,
-                               "batch_size": 8, "lr": 2e-3, "seed": 0, "vae_crop": 64, "kl_weight": 1e-4,
-                               "ema_decay": 0.999, "preview_every": 0, "device": "auto", "work_dir": ".work/generator"},
-        "generator_finetune": {"data": "stores/demo", "pretrain_run_id": "", "folds": "all", "vae_epochs": 0,
-                               "dit_epochs": 4, "batch_size": 16, "lr": 2e-3, "seed": 0, "vae_crop": 64,
-                               "kl_weight": 1e-4, "label_dropout": 0.1, "ema_decay": 0.999, "preview_every": 0,
-                               "device": "auto", "work_dir": ".work/generator"},
-        "synthesize": {"n_atypical": 50, "n_normal": 0, "sampler": "dpmsolver++", "steps": 10, "guidance": 2.0,
+        # Pretraining has no labels (the DiT learns the null class only): label_dropout 0.
+        "generator_pretrain": {**_GENERATOR_COMMON, "data": "stores/demo_pool", "arch": "tiny", "vae_epochs": 1,
+                               "dit_epochs": 6, "batch_size": 8, "lr": 2e-3, "seed": 0, "vae_crop": 64,
+                               "kl_weight": 1e-4, "label_dropout": 0.0, "ema_decay": 0.999, "preview_every": 0},
+        "generator_finetune": {**_GENERATOR_COMMON, "data": "stores/demo", "folds": "all", "arch": "tiny",
+                               "vae_epochs": 0, "dit_epochs": 4, "batch_size": 16, "lr": 2e-3, "seed": 0,
+                               "vae_crop": 64, "kl_weight": 1e-4, "label_dropout": 0.1, "ema_decay": 0.999,
+                               "preview_every": 0},
+        "synthesize": {"n_atypical": "50", "n_normal": 0, "sampler": "dpmsolver++", "steps": 10, "guidance": 2.0,
                        "seed": 0, "batch_size": 256, "out": "stores/synthetic", "quality_max": 64,
                        "features": "descriptor", "device": "auto"},
-        "train_cv": {"data": "stores/demo", "backbone": "convnext", "regime": "real_only", "synth_run_id": "",
-                     "n_synthetic": "balance", "folds": "all", "epochs": 4, "batch_size": 32, "lr": None, "seed": 0,
-                     "pretrained": "none", "device": "auto", "workroot": ".train_cv_work",
+        # the demo backbones: small members of both families at 48 px, from scratch (no hub weights exist for them)
+        "train_cv": {"data": "stores/demo", "backbone": "convnext", "backbone_set": "demo", "regime": "real_only",
+                     "synth_run_id": "", "n_synthetic": None, "folds": "all", "epochs": 4, "batch_size": 32,
+                     "lr": None, "seed": 0, "restart_epochs": 5, "pretrained": "none", "device": "auto",
+                     "workroot": ".train_cv_work",
                      # flips only: 4 epochs from a random init learn less under the paper's full augmentation
                      "augment": "flips"},
         # cv_ba, not the paper's 0.5: after 4 epochs from scratch the ViT's probabilities sit below 0.5 for every
         # crop (measured: test sensitivity 0 at 0.5), the BA-optimal threshold on its out-of-fold predictions is not
-        "evaluate": {"threshold": "cv_ba", "allow_overlap": "false", "device": "auto", "n_boot": 500,
-                     "batch_size": 128, "tta": "false"},
-        "tune": {"n_trials": 4, "n_workers": 1, "lr_min": 1e-4, "lr_max": 3e-3, "folds": "1,2", "epochs": 2},
-        "report": {"select_by": "test_auroc", "n_boot": 1000, "register": "true"},
-        "predict": {"tta": "false", "batch_size": 64, "device": "auto"},  # model/input/output: the platform's
+        "evaluate": {"threshold": "cv_ba", "allow_overlap": False, "device": "auto", "n_boot": 500,
+                     "batch_size": 128, "tta": False},
+        # tune's trials are train_cv configs: this section overrides train_cv's values (a cheap subset of folds
+        # and epochs) and adds the search's own
+        "tune": {"n_trials": 4, "n_workers": 1, "storage": "optuna/journal.log", "study_name": "", "lr_min": 1e-4,
+                 "lr_max": 3e-3, "folds": "1,2", "epochs": 2},
+        "report": {**_REPORT, "n_boot": 1000},
+        "predict": _PREDICT,
     },
     "paper": {
-        "main": {"jobs": 1},  # one GPU: one step at a time
-        "prepare_data": {"source": "midog25", "folds": 5, "seed": 42, "on_error": "skip"},
+        "main": {**_MAIN, "pool_size": 0, "test_size": 0, "jobs": 1},  # one GPU: one step at a time
+        "prepare_data": {"source": "midog25", "root": "", "out": "", "size": None, "folds": 5, "seed": 42,
+                         "on_error": "skip"},
         # generator (paper, "Synthetic Image Generation"): VAE and DDPM each 1000 epochs, batch 32, AdamW 1e-4 on
         # the unlabelled WSI pool; per fold VAE 2000 / DiT 5000 epochs, batch 8; DDPM 1000 steps. Sizes, KL weight,
         # CFG dropout/scale are not in the paper: Stable-Diffusion-sized VAE + DiT-B/2, DiT's 0.1 and 1.5.
-        "generator_pretrain": {"data": "stores/wsi_pool", "arch": "base", "vae_epochs": 1000, "dit_epochs": 1000,
-                               "batch_size": 32, "lr": 1e-4, "seed": 42, "vae_crop": 0, "kl_weight": 1e-4,
-                               "ema_decay": 0.9999, "preview_every": 50, "device": "auto",
-                               "work_dir": ".work/generator"},
-        "generator_finetune": {"data": "stores/midog25", "pretrain_run_id": "", "folds": "all", "vae_epochs": 2000,
-                               "dit_epochs": 5000, "batch_size": 8, "lr": 1e-4, "seed": 42, "vae_crop": 0,
-                               "kl_weight": 1e-4, "label_dropout": 0.1, "ema_decay": 0.9999, "preview_every": 250,
-                               "device": "auto", "work_dir": ".work/generator"},
+        "generator_pretrain": {**_GENERATOR_COMMON, "data": "stores/wsi_pool", "arch": "base", "vae_epochs": 1000,
+                               "dit_epochs": 1000, "batch_size": 32, "lr": 1e-4, "seed": 42, "vae_crop": 0,
+                               "kl_weight": 1e-4, "label_dropout": 0.0, "ema_decay": 0.9999, "preview_every": 50},
+        "generator_finetune": {**_GENERATOR_COMMON, "data": "stores/midog25", "folds": "all", "arch": "base",
+                               "vae_epochs": 2000, "dit_epochs": 5000, "batch_size": 8, "lr": 1e-4, "seed": 42,
+                               "vae_crop": 0, "kl_weight": 1e-4, "label_dropout": 0.1, "ema_decay": 0.9999,
+                               "preview_every": 250},
         "synthesize": {"n_atypical": "balance", "n_normal": 0, "sampler": "ddpm", "steps": 1000, "guidance": 1.5,
                        "seed": 42, "batch_size": 256, "out": "stores/synthetic", "quality_max": 2000,
                        "features": "descriptor", "device": "auto"},
-        "train_cv": {"data": "stores/midog25", "backbone": "convnext", "regime": "real_only", "synth_run_id": "",
-                     "n_synthetic": "balance", "folds": "all", "epochs": 25, "batch_size": 16, "lr": None, "seed": 42,
-                     "pretrained": "hub", "device": "auto", "workroot": ".train_cv_work", "augment": "paper"},
-        "evaluate": {"threshold": "0.5", "allow_overlap": "false", "device": "auto", "n_boot": 2000, "batch_size": 128,
-                     "tta": "false"},
-        "tune": {"n_trials": 20, "n_workers": 1, "lr_min": 1e-6, "lr_max": 1e-3, "folds": "all", "epochs": 10},
-        "report": {"select_by": "test_auroc", "n_boot": 2000, "register": "true"},
-        "predict": {"tta": "false", "batch_size": 64, "device": "auto"},  # model/input/output: the platform's
+        # paper: NAdam, cosine annealing with warm restarts every 5 epochs, 25 epochs, batch 16, hub weights
+        "train_cv": {"data": "stores/midog25", "backbone": "convnext", "backbone_set": "paper", "regime": "real_only",
+                     "synth_run_id": "", "n_synthetic": None, "folds": "all", "epochs": 25, "batch_size": 16,
+                     "lr": None, "seed": 42, "restart_epochs": 5, "pretrained": "hub", "device": "auto",
+                     "workroot": ".train_cv_work", "augment": "paper"},
+        "evaluate": {"threshold": "0.5", "allow_overlap": False, "device": "auto", "n_boot": 2000, "batch_size": 128,
+                     "tta": False},
+        "tune": {"n_trials": 20, "n_workers": 1, "storage": "optuna/journal.log", "study_name": "", "lr_min": 1e-6,
+                 "lr_max": 1e-3, "folds": "all", "epochs": 10},
+        "report": {**_REPORT, "n_boot": 2000},
+        "predict": _PREDICT,
     },
 }
 
@@ -90,13 +113,7 @@ def _load(profile: str) -> tuple[str, dict[str, dict[str, Any]]]:
     return base, steps
 
 
-def base_profile(profile: str) -> str:
-    """The built-in profile (demo | paper) a profile builds on: what library code is told."""
-    return _load(profile)[0]
-
-
-def resolve(step: str, profile: str, given: dict[str, Any]) -> dict[str, Any]:
-    """The profile's defaults for `step`, overridden by every given value that is set."""
-    merged = dict(_load(profile)[1].get(step, {}))
-    merged.update({k: v for k, v in given.items() if v is not None and v != ""})
-    return merged
+def defaults(profile: str, sections: tuple[str, ...]) -> dict[str, Any]:
+    """The profile's values for a step: its sections merged, later ones winning."""
+    steps = _load(profile)[1]
+    return {k: v for section in sections for k, v in steps.get(section, {}).items()}

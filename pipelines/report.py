@@ -10,6 +10,7 @@ import json
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -17,14 +18,16 @@ from mlflow.tracking import MlflowClient
 
 from analysis import keys
 from analysis.plots import plot_calibration, plot_fold_aurocs, plot_rocs
-from analysis.queries import (EvalRun, ReportDataError, TrainRow, eval_runs, experiment_ids, out_of_fold_predictions,
+from analysis.queries import (EvalRun, TrainRow, eval_runs, experiment_ids, out_of_fold_predictions,
                               read_csv_artifact, train_rows)
+from analysis.runs import RunLookupError
 from analysis.stats import compare_regimes
 from analysis.submission import CRITERIA, SelectionError, log_ensemble_model, select_row
 from analysis.tables import comparison_table, row_label, table1, table2, table2_domains, to_markdown, write_table
 from data_tools.constants import ATYPICAL, NORMAL
-from pipelines.common import log_params, step_parser, step_run
-from pipelines.profiles import resolve
+from data_tools.params import param
+from pipelines.common import log_params, step_run
+from pipelines.config import StepConfig, as_params, from_cli
 
 CAPTION1 = "{k}-fold cross-validation AUROC (%) per backbone and training regime."
 CAPTION2 = "Test set results (%) per backbone and training regime"
@@ -207,33 +210,38 @@ def build_report(out: Path, experiment: str | None, test_set: str | None, select
     return summary
 
 
+@dataclass
+class ReportConfig(StepConfig):
+    experiment: str = param("experiment name or id (default: the active one)")
+    test_set: str = param("test set name (tag test_set of evaluate runs) when several exist")
+    select_by: str = param(f"submission criterion: one of {', '.join(CRITERIA)}")
+    runs: str = param("comma-separated train_cv run ids (default: the latest finished per row)")
+    n_boot: int = param("bootstrap resamples of the AUROC difference")
+    register: bool = param("register the selected ensemble as the submission model")
+    model_name: str = param("registered model name")
+
+    STEP = keys.REPORT
+
+
+CONFIG = ReportConfig
+
+
 def main(argv: list[str] | None = None) -> dict:
-    p = step_parser(keys.REPORT, __doc__)
-    p.add_argument("--experiment", default="", help="experiment name or id (default: the active one)")
-    p.add_argument("--test_set", default="", help="test set name (tag test_set of evaluate runs) when several exist")
-    p.add_argument("--select_by", default="", help=f"submission criterion: one of {CRITERIA}")
-    p.add_argument("--runs", default="", help="comma-separated train_cv run ids (default: latest finished per row)")
-    p.add_argument("--n_boot", default="", help="bootstrap resamples of the AUROC difference")
-    p.add_argument("--register", default="", help="true | false: register the selected ensemble")
-    p.add_argument("--model_name", default="", help=f"registered model name (default {keys.MODEL_NAME})")
-    args = p.parse_args(argv)
-    cfg = resolve(keys.REPORT, args.profile, vars(args))
-    if cfg["select_by"] not in CRITERIA:
-        p.error(f"--select_by must be one of {CRITERIA}")
-    run_ids = [r.strip() for r in cfg.get("runs", "").split(",") if r.strip()] or None
-    if cfg.get("experiment"):
+    cfg = from_cli(ReportConfig, argv, __doc__)
+    if cfg.select_by not in CRITERIA:
+        raise SystemExit(f"report: select_by must be one of {CRITERIA}, got {cfg.select_by!r}")
+    run_ids = [r.strip() for r in cfg.runs.split(",") if r.strip()] or None
+    if cfg.experiment:
         try:
-            experiment_id = experiment_ids(MlflowClient(), cfg["experiment"])[0]
-        except ReportDataError as e:
+            experiment_id = experiment_ids(MlflowClient(), cfg.experiment)[0]
+        except RunLookupError as e:
             raise SystemExit(f"report: {e}") from None
         if not os.environ.get("MLFLOW_RUN_ID"):  # the report run lives with the runs it reports
             mlflow.set_experiment(experiment_id=experiment_id)
-    with step_run(keys.REPORT, args.profile, run_name="report"), tempfile.TemporaryDirectory() as tmp:
-        log_params({k: cfg.get(k, "") for k in (keys.P_EXPERIMENT, keys.TEST_SET, keys.P_SELECT_BY, "runs", "n_boot",
-                                                "register", "model_name")})
-        summary = build_report(Path(tmp), cfg.get("experiment") or None, cfg.get("test_set") or None,
-                               cfg["select_by"], run_ids, int(cfg["n_boot"]), str(cfg["register"]).lower() == "true",
-                               cfg.get("model_name") or keys.MODEL_NAME)
+    with step_run(keys.REPORT, cfg.profile, run_name="report"), tempfile.TemporaryDirectory() as tmp:
+        log_params(as_params(cfg))
+        summary = build_report(Path(tmp), cfg.experiment or None, cfg.test_set or None, cfg.select_by, run_ids,
+                               cfg.n_boot, cfg.register, cfg.model_name)
         mlflow.log_artifacts(tmp)
     return summary
 

@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from analysis import keys
+from analysis import keys, runs
+from data_tools.params import param
 from data_tools.constants import ATYPICAL, LABEL_NAMES, NORMAL
 from data_tools.folds import balance_count
 from data_tools.provenance import LeakageError, fold_train_ids, ids_digest, synthetic_provenance
@@ -29,23 +30,15 @@ from models.generator import Generator, reconstruct
 from models.generator_quality import quality_report
 from models.sampling import SAMPLERS, generate
 from models.checkpoint import resolve_device
-from pipelines.common import log_params, log_store, step_parser, step_run
+from pipelines.common import log_params, log_store, step_run
+from pipelines.config import StepConfig, as_params, from_cli
 from pipelines.generator_finetune import download_generator
-from pipelines.profiles import resolve
 
 
-def fold_runs(client: MlflowClient, finetune_run_id: str) -> dict[int, str]:
-    """{fold: nested run id} of a generator_finetune run."""
-    parent = client.get_run(finetune_run_id)
-    if parent.data.tags.get(keys.STEP) != keys.GENERATOR_FINETUNE:
-        raise ValueError(f"run {finetune_run_id} is not a {keys.GENERATOR_FINETUNE} run "
-                         f"(step tag {parent.data.tags.get(keys.STEP)!r})")
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.`{keys.PARENT_RUN}` = '{finetune_run_id}' and attributes.status = 'FINISHED'")
-    runs = {int(r.data.tags[keys.FOLD]): r.info.run_id for r in children if keys.FOLD in r.data.tags}
-    if not runs:
-        raise ValueError(f"finetune run {finetune_run_id} has no finished fold runs")
-    return dict(sorted(runs.items()))
+def generator_fold_runs(client: MlflowClient, finetune_run_id: str) -> dict[int, str]:
+    """{fold: run id} of a generator_finetune run's complete fold set (runs.fold_runs: the newest finished)."""
+    runs.get_run(client, finetune_run_id, keys.GENERATOR_FINETUNE)
+    return {k: r.info.run_id for k, r in runs.complete_fold_runs(client, finetune_run_id).items()}
 
 
 def synthetic_index(labels: np.ndarray, run_id: str, k: int, seeds: np.ndarray, sampler: str) -> pd.DataFrame:
@@ -56,25 +49,28 @@ def synthetic_index(labels: np.ndarray, run_id: str, k: int, seeds: np.ndarray, 
 
 
 @dataclass
-class SynthConfig:
-    finetune_run_id: str
-    n_atypical: str  # an int, or "balance"
-    n_normal: int
-    sampler: str
-    steps: int
-    guidance: float
-    seed: int
-    batch_size: int
-    quality_max: int
-    features: tuple[str, ...]
-    out: str
+class SynthConfig(StepConfig):
+    finetune_run_id: str = param("generator_finetune run (its fold runs are used)", required=True)
+    n_atypical: str = param("atypical crops per fold: a number, or balance (the training split's normal - atypical)")
+    n_normal: int = param("normal crops per fold (the paper kept none)")
+    sampler: str = param(" | ".join(SAMPLERS))
+    steps: int = param("sampler steps")
+    guidance: float = param("classifier-free guidance scale")
+    seed: int = param("crop i of fold k has seed seed + 1,000,000 k + i")
+    batch_size: int = param("sampling batch size", identity=False)
+    quality_max: int = param("crops per class the KID/FID and memorisation checks use")
+    features: str = param("KID/FID features: descriptor, or descriptor,inception (a download)")
+    out: str = param("root folder; stores go to <out>/<run id>/fold<k>", identity=False)
+    device: str = param("auto | cpu | cuda", identity=False)
 
-    @classmethod
-    def from_params(cls, cfg: dict) -> "SynthConfig":
-        return cls(str(cfg["finetune_run_id"]), str(cfg["n_atypical"]), int(cfg["n_normal"]), str(cfg["sampler"]),
-                   int(cfg["steps"]), float(cfg["guidance"]), int(cfg["seed"]), int(cfg["batch_size"]),
-                   int(cfg["quality_max"]), tuple(f.strip() for f in str(cfg["features"]).split(",") if f.strip()),
-                   str(cfg["out"]))
+    STEP = keys.SYNTHESIZE
+
+    @property
+    def feature_list(self) -> tuple[str, ...]:
+        return tuple(f.strip() for f in self.features.split(",") if f.strip())
+
+
+CONFIG = SynthConfig
 
 
 def synthesize_fold(cfg: SynthConfig, real: Store, k: int, gen: Generator, generator_run_id: str, run_id: str,
@@ -96,7 +92,7 @@ def synthesize_fold(cfg: SynthConfig, real: Store, k: int, gen: Generator, gener
     reference = reconstruct(gen.vae, np.asarray(real.images[np.sort(unseen)]))  # unseen crops, through the VAE
     device = str(next(gen.vae.parameters()).device)
     metrics, grids = quality_report(images, labels, real.images[train_rows], real.index["label"].to_numpy()[train_rows],
-                                    reference, max_n=cfg.quality_max, seed=cfg.seed, features=cfg.features,
+                                    reference, max_n=cfg.quality_max, seed=cfg.seed, features=cfg.feature_list,
                                     device=device)
     metrics[keys.IMAGES_PER_SECOND] = len(images) / max(seconds, 1e-9)
     metrics.update({f"n_{LABEL_NAMES[c]}": int((labels == c).sum()) for c in (ATYPICAL, NORMAL)})
@@ -104,36 +100,20 @@ def synthesize_fold(cfg: SynthConfig, real: Store, k: int, gen: Generator, gener
 
 
 def main(argv: list[str] | None = None) -> str:
-    p = step_parser(keys.SYNTHESIZE, __doc__)
-    p.add_argument("--finetune_run_id", default="", help="generator_finetune run (its fold runs are used)")
-    p.add_argument("--n_atypical", default="", help="per fold; 'balance' = the training split's normal - atypical")
-    p.add_argument("--n_normal", default="", help="per fold (the paper kept none)")
-    p.add_argument("--sampler", default="", help=" | ".join(SAMPLERS))
-    for name in ("steps", "guidance", "seed", "batch_size", "quality_max", "device"):
-        p.add_argument(f"--{name}", default="")
-    p.add_argument("--features", default="", help="KID/FID features: descriptor, or descriptor,inception (download)")
-    p.add_argument("--out", default="", help="root folder; stores go to <out>/<run id>/fold<k>")
-    args = p.parse_args(argv)
-    given = resolve(keys.SYNTHESIZE, args.profile, vars(args))
-    if not given.get("finetune_run_id"):
-        raise SystemExit("synthesize needs --finetune_run_id (a finished generator_finetune run)")
-    cfg = SynthConfig.from_params(given)
-    device = resolve_device(given["device"])
+    cfg = from_cli(SynthConfig, argv, __doc__)
+    device = resolve_device(cfg.device)
     client = MlflowClient()
-    finetune = client.get_run(cfg.finetune_run_id)
-    folds = fold_runs(client, cfg.finetune_run_id)
+    finetune = runs.get_run(client, cfg.finetune_run_id, keys.GENERATOR_FINETUNE)
+    folds = generator_fold_runs(client, cfg.finetune_run_id)
     real = open_store(finetune.data.params[keys.P_DATA_PATH])
     if real.digest != finetune.data.tags.get(keys.DATASET_DIGEST):
         raise StoreError(f"{real.path} changed since run {cfg.finetune_run_id} fine-tuned on it (digest "
                          f"{real.digest[:12]} vs {str(finetune.data.tags.get(keys.DATASET_DIGEST))[:12]})")
-    with step_run(keys.SYNTHESIZE, args.profile, run_name=f"synthesize {cfg.sampler} x{cfg.steps}") as run, \
+    with step_run(keys.SYNTHESIZE, cfg.profile, run_name=f"synthesize {cfg.sampler} x{cfg.steps}") as run, \
             tempfile.TemporaryDirectory() as tmp:
         run_id = run.info.run_id
         out_root = Path(cfg.out).resolve() / run_id
-        log_params({keys.P_FINETUNE_RUN_ID: cfg.finetune_run_id,
-                    keys.P_PRETRAIN_RUN_ID: finetune.data.params.get(keys.P_PRETRAIN_RUN_ID, ""),
-                    keys.P_N_ATYPICAL: cfg.n_atypical, keys.P_N_NORMAL: cfg.n_normal, keys.P_SAMPLER: cfg.sampler,
-                    keys.P_STEPS: cfg.steps, keys.P_GUIDANCE: cfg.guidance, keys.P_SEED: cfg.seed, keys.P_OUT: cfg.out,
+        log_params({**as_params(cfg), keys.P_PRETRAIN_RUN_ID: finetune.data.params.get(keys.P_PRETRAIN_RUN_ID, ""),
                     keys.P_FOLDS: ",".join(map(str, folds))})
         log_store(real, "training")
         per_fold: list[dict[str, float]] = []

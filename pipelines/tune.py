@@ -1,20 +1,24 @@
 """tune: an Optuna search over the learning rate, every trial a nested MLflow run.
 
-Objective: the mean best validation AUROC over the chosen folds, pruned on the per-epoch
-validation AUROC. Storage: a journal file by default (several processes on one machine,
-`n_workers`), or a database URL such as PostgreSQL (workers on several machines: start
-this step with the same `storage` and `study_name` on each). The study and its MLflow
-study run resume: run the step again to extend it to `n_trials` finished trials.
+A trial is train_cv's config with only `lr` changed (the `tune` section of a profile overrides
+train_cv's values for the trials: a cheap subset of folds and epochs), so the search runs under
+the same augmentation, weights and schedule as the classifiers it tunes. Objective: the mean
+best validation AUROC over the trial's folds, pruned on the per-epoch validation AUROC.
+Storage: a journal file by default (several processes on one machine, `n_workers`), or a
+database URL such as PostgreSQL (workers on several machines: start this step with the same
+`storage` and `study_name` on each). The study and its MLflow study run resume: run the step
+again to extend it to `n_trials` finished trials.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -26,32 +30,60 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from analysis import keys
+from data_tools.folds import select_folds
+from data_tools.params import param
 from data_tools.store import Store, open_store
-from models.training import TrainConfig, train_fold
-from pipelines.common import log_params, log_store, step_parser, step_run
-from pipelines.profiles import base_profile, resolve
-from pipelines.train_cv import parse_folds
+from models.training import train_fold
+from pipelines.common import log_params, log_store, step_run
+from pipelines.config import as_params, build, parser
+from pipelines.train_cv import TrainCVConfig, parent_params
 
-STUDY_TAG = "optuna_study"
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 @dataclass
-class TuneConfig:
-    data: str
-    backbone: str
-    profile: str
-    n_trials: int
-    n_workers: int
-    storage: str
-    study_name: str
-    lr_min: float
-    lr_max: float
-    folds: str
-    epochs: int
-    batch_size: int
-    seed: int
-    device: str
+class TuneConfig(TrainCVConfig):
+    n_trials: int = param("finished trials the study should reach (running it again extends it)", identity=False)
+    n_workers: int = param("worker processes on this machine", identity=False)
+    storage: str = param("journal file, or a database URL (postgresql://...) for workers on several machines")
+    study_name: str = param("Optuna study name (default: lr-<backbone>-<profile>)")
+    lr_min: float = param("lower end of the log-uniform learning-rate range")
+    lr_max: float = param("upper end of the log-uniform learning-rate range")
+
+    STEP = keys.TUNE
+    SECTIONS = (keys.TRAIN_CV, keys.TUNE)
+
+    def __post_init__(self) -> None:
+        self.study_name = self.study_name or f"lr-{self.backbone}-{Path(self.profile).stem}"
+
+
+CONFIG = TuneConfig
+
+
+def trial_config(cfg: TuneConfig, lr: float) -> TrainCVConfig:
+    """The trial's train_cv config: the tune config's train_cv part with only `lr` changed."""
+    return dataclasses.replace(TrainCVConfig(**{f.name: getattr(cfg, f.name)
+                                                for f in dataclasses.fields(TrainCVConfig)}), lr=lr)
+
+
+class TrialSeededTPE(optuna.samplers.BaseSampler):
+    """TPE whose randomness comes from (seed, trial number). Trial numbers are unique within a
+    storage, so workers sharing a study (processes or machines) never draw the same values, a
+    resumed study does not repeat its earlier trials, and one worker with a fixed seed repeats
+    itself. (A TPESampler(seed) per worker makes every worker draw the same sequence.)"""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def sample_independent(self, study, trial, name, distribution):
+        seed = int(np.random.default_rng([self.seed, trial.number]).integers(2 ** 31))
+        return optuna.samplers.TPESampler(seed=seed).sample_independent(study, trial, name, distribution)
 
 
 def open_storage(url: str):
@@ -64,7 +96,7 @@ def open_storage(url: str):
 
 def load_study(cfg: TuneConfig) -> optuna.Study:
     return optuna.create_study(study_name=cfg.study_name, storage=open_storage(cfg.storage), direction="maximize",
-                               load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=cfg.seed),
+                               load_if_exists=True, sampler=TrialSeededTPE(cfg.seed),
                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
 
 
@@ -73,21 +105,18 @@ def finished_trials(study: optuna.Study) -> int:
 
 
 def objective(trial: optuna.Trial, cfg: TuneConfig, store: Store, study_run_id: str) -> float:
-    lr = trial.suggest_float("lr", cfg.lr_min, cfg.lr_max, log=True)
-    train_cfg = TrainConfig(backbone=cfg.backbone, profile=base_profile(cfg.profile), epochs=cfg.epochs,
-                            batch_size=cfg.batch_size, lr=lr, seed=cfg.seed, device=cfg.device)
-    folds = parse_folds(cfg.folds, store.folds)
+    train_cfg = trial_config(cfg, trial.suggest_float("lr", cfg.lr_min, cfg.lr_max, log=True))
+    folds = select_folds(train_cfg.folds, store.folds)
     scores: list[float] = []
     with mlflow.start_run(run_name=f"trial {trial.number}", nested=True, parent_run_id=study_run_id,
-                          tags={keys.STEP: keys.TUNE, keys.PROFILE: cfg.profile, "trial": str(trial.number)}):
-        mlflow.log_params({"lr": lr})
+                          tags={keys.STEP: keys.TUNE, keys.PROFILE: cfg.profile, keys.TRIAL: str(trial.number)}):
+        log_params({**parent_params(train_cfg, store), keys.P_FOLDS: ",".join(map(str, folds))})
         try:
             for i, k in enumerate(folds):
-                def report(epoch: int, metrics: dict[str, float], i=i, k=k) -> None:
-                    step = i * cfg.epochs + epoch
-                    mlflow.log_metrics({f"fold{k}_{name}": v for name, v in metrics.items()}, step=epoch)
+                def report(epoch: int, m, i=i, k=k) -> None:
+                    mlflow.log_metrics({keys.fold_metric(k, n): v for n, v in keys.epoch_metrics(m).items()}, step=epoch)
                     # what the trial would score if this fold stopped here: comparable across trials
-                    trial.report(float(np.mean(scores + [metrics[keys.VAL_AUROC]])), step)
+                    trial.report(float(np.mean(scores + [m.val_auroc])), i * train_cfg.epochs + epoch)
                     if trial.should_prune():
                         raise optuna.TrialPruned(f"fold {k} epoch {epoch}")
                 with tempfile.TemporaryDirectory() as work:
@@ -95,11 +124,11 @@ def objective(trial: optuna.Trial, cfg: TuneConfig, store: Store, study_run_id: 
                 scores.append(result.best_val_auroc)
                 mlflow.log_metric(keys.fold_metric(k, "auroc"), result.best_val_auroc)
         except optuna.TrialPruned:
-            mlflow.set_tag("trial_state", "PRUNED")
+            mlflow.set_tag(keys.TRIAL_STATE, "PRUNED")
             raise
         value = float(np.mean(scores))
-        mlflow.log_metric("objective", value)
-        mlflow.set_tag("trial_state", "COMPLETE")
+        mlflow.log_metric(keys.OBJECTIVE, value)
+        mlflow.set_tag(keys.TRIAL_STATE, "COMPLETE")
     return value
 
 
@@ -121,55 +150,52 @@ def study_run(cfg: TuneConfig) -> str:
     Under `mlflow run` the step always gets the fresh run that MLflow made for it."""
     if os.environ.get("MLFLOW_RUN_ID"):
         return ""
-    found = mlflow.search_runs(filter_string=f"tags.`{STUDY_TAG}` = '{cfg.study_name}@{cfg.storage}'",
+    found = mlflow.search_runs(filter_string=f"tags.`{keys.STUDY_TAG}` = '{cfg.study_name}@{cfg.storage}'",
                                max_results=1, output_format="list")
     return found[0].info.run_id if found else ""
 
 
+def start_workers(argv: list[str], cfg: TuneConfig, run) -> list[subprocess.Popen]:
+    """n_workers - 1 more processes on this machine, with the same arguments."""
+    return [subprocess.Popen([sys.executable, "-m", "pipelines.tune", *argv, "--worker_of", run.info.run_id,
+                              "--storage", cfg.storage, "--study_name", cfg.study_name],
+                             env={**os.environ, "MLFLOW_EXPERIMENT_ID": run.info.experiment_id})
+            for _ in range(cfg.n_workers - 1)]
+
+
 def main(argv: list[str] | None = None) -> optuna.Study:
-    p = step_parser(keys.TUNE, __doc__)
-    for name in ("data", "backbone", "n_trials", "n_workers", "storage", "study_name", "lr_min", "lr_max", "folds",
-                 "epochs", "batch_size", "seed", "device"):
-        p.add_argument(f"--{name}", default="")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = parser(TuneConfig, __doc__)
     p.add_argument("--worker_of", default="", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if k not in ("profile", "worker_of")}
-    merged = {**resolve(keys.TRAIN_CV, args.profile, {}), **resolve(keys.TUNE, args.profile, given)}
-    cfg = TuneConfig(data=merged.get("data") or "stores/demo", backbone=merged["backbone"], profile=args.profile,
-                     n_trials=int(merged["n_trials"]), n_workers=int(merged["n_workers"]),
-                     storage=merged.get("storage") or "optuna/journal.log",
-                     study_name=merged.get("study_name") or f"lr-{merged['backbone']}-{args.profile}",
-                     lr_min=float(merged["lr_min"]), lr_max=float(merged["lr_max"]), folds=str(merged["folds"]),
-                     epochs=int(merged["epochs"]),
-                     batch_size=int(merged["batch_size"]), seed=int(merged["seed"]), device=merged.get("device", "auto"))
-    if args.worker_of:  # a worker process started by the step below
-        work(cfg, args.worker_of)
+    args = vars(p.parse_args(argv))
+    worker_of = args.pop("worker_of")
+    try:
+        cfg = build(TuneConfig, args.pop("profile"), **args)
+    except ValueError as e:
+        p.error(str(e))
+    if worker_of:  # a worker process started by the step below
+        work(cfg, worker_of)
         return load_study(cfg)
 
     existing = study_run(cfg)
     with (mlflow.start_run(run_id=existing) if existing else
-          step_run(keys.TUNE, args.profile, run_name=f"tune {cfg.study_name}",
-                   tags={STUDY_TAG: f"{cfg.study_name}@{cfg.storage}", keys.BACKBONE: cfg.backbone})) as run:
+          step_run(keys.TUNE, cfg.profile, run_name=f"tune {cfg.study_name}",
+                   tags={keys.STUDY_TAG: f"{cfg.study_name}@{cfg.storage}", keys.BACKBONE: cfg.backbone})) as run:
         store = open_store(cfg.data)
         if not existing:
-            log_params({k: v for k, v in asdict(cfg).items() if k not in ("n_trials", "n_workers")})
+            log_params({k: v for k, v in as_params(cfg).items() if k not in ("n_trials", "n_workers", "lr", "device")})
             log_store(store, "training")
         load_study(cfg)  # create it once before the workers race to
-        workers = [subprocess.Popen([sys.executable, "-m", "pipelines.tune", "--profile", args.profile,
-                                     "--worker_of", run.info.run_id,
-                                     *[a for k, v in given.items() if v != "" for a in (f"--{k}", str(v))],
-                                     "--storage", cfg.storage, "--study_name", cfg.study_name],
-                                    env={**os.environ, "MLFLOW_EXPERIMENT_ID": run.info.experiment_id})
-                   for _ in range(cfg.n_workers - 1)]
+        workers = start_workers(argv, cfg, run)
         work(cfg, run.info.run_id)
         failed = [w.args for w in workers if w.wait() != 0]
         if failed:
             raise RuntimeError(f"{len(failed)} tune worker(s) failed; see their output above")
         study = load_study(cfg)
         best = study.best_trial
-        mlflow.log_metrics({"best_value": best.value, "best_lr": best.params["lr"], "n_trials_done": finished_trials(study)})
-        mlflow.set_tag("best_params", json.dumps(best.params))
-        mlflow.set_tag("best_trial", str(best.number))
+        mlflow.log_metrics({keys.BEST_VALUE: best.value, keys.BEST_LR: best.params["lr"],
+                            keys.N_TRIALS_DONE: finished_trials(study)})
+        mlflow.set_tags({keys.BEST_PARAMS: json.dumps(best.params), keys.BEST_TRIAL: str(best.number)})
     print(f"study {cfg.study_name}: {finished_trials(study)} trials; best mean val AUROC {best.value:.4f} "
           f"at lr {best.params['lr']:.3g} (trial {best.number})")
     print(f"watch it: optuna-dashboard {'' if '://' in cfg.storage else 'journal:///'}{cfg.storage}")

@@ -36,7 +36,7 @@ def tiny_generator(n: int, seed: int, workdir: Path) -> tuple[Generator, np.ndar
     images, index = make_demo(n=n, seed=seed)
     labels = index["label"].to_numpy()
     cfg = FitConfig(arch="tiny", vae_epochs=2, dit_epochs=12, batch_size=8, lr=2e-3, vae_crop=64, kl_weight=1e-4,
-                    ema_decay=0.999, preview_every=-1, seed=seed)
+                    ema_decay=0.999, preview_every=-1, seed=seed, label_dropout=0.1, num_train_timesteps=1000)
     return fit_generator(images, labels, cfg, workdir), images[labels == ATYPICAL]
 
 

@@ -1,11 +1,11 @@
 """How much faster does a batch of random crops come from the store than from PNG files?
 
 Measured in one run on the same crops: the store's memory map (fancy-indexed, sorted
-rows) against decoding the PNGs one by one with PIL. Uses AMi-Br from ../shared/data
-when present, else PNGs written from demo data. Both paths are timed warm (files in the
+rows) against decoding the PNGs one by one with PIL. Uses the AMi-Br release given with
+--amibr (its folder), else PNGs written from demo data. Both paths are timed warm (files in the
 page cache), which is how training reads them after the first epoch.
 
-    .venv/bin/python scripts/bench_store.py [--batch 256] [--repeats 20]
+    .venv/bin/python scripts/bench_store.py [--amibr <AMi-Br folder>] [--batch 256] [--repeats 20]
 """
 from __future__ import annotations
 
@@ -24,12 +24,13 @@ sys.path.insert(0, str(ROOT))
 
 from data_tools.ingest import ingest  # noqa: E402
 
-AMIBR = ROOT.parent / "shared" / "data" / "amibr"
 
 
-def _source(tmp: Path) -> tuple[str, Path, list[Path]]:
-    if (AMIBR / "amibr_train_split.csv").is_file():
-        return "amibr", AMIBR, sorted(AMIBR.glob("*/*.png"))
+def _source(tmp: Path, amibr: Path | None) -> tuple[str, Path, list[Path]]:
+    if amibr is not None:
+        if not (amibr / "amibr_train_split.csv").is_file():
+            raise SystemExit(f"{amibr}: no amibr_train_split.csv; give the AMi-Br release folder")
+        return "amibr", amibr, sorted(amibr.glob("*/*.png"))
     from data_tools.demo import make_demo
     images, index = make_demo(2000, seed=0)
     root = tmp / "demo_pngs"
@@ -42,12 +43,13 @@ def _source(tmp: Path) -> tuple[str, Path, list[Path]]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--amibr", type=Path, default=None, help="AMi-Br release folder (default: demo PNGs)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        source, root, pngs = _source(tmp)
+        source, root, pngs = _source(tmp, args.amibr)
         t0 = time.perf_counter()
         store, _ = ingest(source, root, tmp / "store", folds=0)
         ingest_s = time.perf_counter() - t0

@@ -12,21 +12,28 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from analysis import keys
-from analysis.metrics import ba_optimal_threshold, binary_metrics
+from models.metrics import ba_optimal_threshold, binary_metrics
 from data_tools.demo import make_demo
+from data_tools.ingest import ingest
 from data_tools.store import write_store
-from models.ensemble import FoldEnsemble
 from pipelines.evaluate import EvaluateConfig, OverlapError, oof_predictions, run_evaluate
 from pipelines.train_cv import TrainCVConfig, run_train_cv
+from pipelines.config import build
+from analysis.runs import load_ensemble
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _eval(**given) -> EvaluateConfig:
+    return build(EvaluateConfig, "demo", **given)
+
+
 @pytest.fixture(scope="module")
-def trained(demo_store, tmp_path_factory):
+def trained(tmp_path_factory):
     """A train_cv run (folds 1 and 2, one epoch) in a module-wide tracking store, and a
     held-out demo test store (another seed, outside any CV pool)."""
     tmp = tmp_path_factory.mktemp("evaluate")
+    store, _ = ingest("demo", None, tmp / "demo400", folds=2, seed=0, size=400)  # both folds: a complete set
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
@@ -34,16 +41,16 @@ def trained(demo_store, tmp_path_factory):
         mp.chdir(tmp)
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment("evaluate")  # not the experiment id another test's store made active
-        run_id = run_train_cv(TrainCVConfig(data=str(demo_store.path), folds="1,2", epochs=1, augment="flips",
-                                            workroot=str(tmp / "work")))
+        run_id = run_train_cv(build(TrainCVConfig, "demo", data=str(store.path), epochs=1, augment="flips",
+                                    workroot=str(tmp / "work")))
     images, index = make_demo(120, seed=11)
     test = write_store(tmp / "demo_test", images, index.assign(fold=-1), name="demo_test", adapter="demo")
-    return uri, run_id, test
+    return uri, run_id, test, store
 
 
 @pytest.fixture
 def tracked(trained, monkeypatch, tmp_path):
-    uri, run_id, test = trained
+    uri, run_id, test, _ = trained
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -55,7 +62,7 @@ def tracked(trained, monkeypatch, tmp_path):
 
 def test_evaluate_logs_the_contract(tracked):
     train_id, test = tracked
-    run_id = run_evaluate(EvaluateConfig(train_run_id=train_id, test_data=str(test.path), threshold="0.5", n_boot=100))
+    run_id = run_evaluate(_eval(train_run_id=train_id, test_data=str(test.path), threshold="0.5", n_boot=100))
     run = MlflowClient().get_run(run_id)
     p, m, t = run.data.params, run.data.metrics, run.data.tags
     assert p[keys.P_TRAIN_RUN_ID] == train_id and p[keys.P_TEST_DIGEST] == test.digest and p[keys.P_THRESHOLD] == "0.5"
@@ -63,7 +70,7 @@ def test_evaluate_logs_the_contract(tracked):
     assert m[keys.N_OVERLAP] == 0
     preds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=keys.PREDICTIONS))
     assert list(preds["sample_id"]) == list(test.index["sample_id"])
-    expected = FoldEnsemble.from_train_run(train_id).predict_proba(test.images)
+    expected = load_ensemble(train_id).predict_proba(test.images)
     np.testing.assert_allclose(preds["prob"], expected, atol=1e-6)
     overall = binary_metrics(preds["label"], preds["prob"], 0.5)
     for name in keys.TEST_METRICS:
@@ -78,23 +85,24 @@ def test_cv_ba_threshold_comes_from_the_pooled_oof_predictions(tracked):
     train_id, test = tracked
     oof = oof_predictions(train_id)
     assert sorted(oof["fold"].unique()) == [1, 2]
-    run_id = run_evaluate(EvaluateConfig(train_run_id=train_id, test_data=str(test.path), threshold="cv_ba", n_boot=0))
+    run_id = run_evaluate(_eval(train_run_id=train_id, test_data=str(test.path), threshold="cv_ba", n_boot=0))
     m = MlflowClient().get_run(run_id).data.metrics
     assert m[keys.P_THRESHOLD] == pytest.approx(ba_optimal_threshold(oof["label"], oof["prob"]))
 
 
-def test_overlap_with_the_training_store_is_refused_unless_allowed(tracked, demo_store, tmp_path):
+def test_overlap_with_the_training_store_is_refused_unless_allowed(tracked, trained, tmp_path):
     train_id, _ = tracked
-    rows = np.arange(0, 600, 20)  # 30 training crops under new ids: the same pixels
-    index = demo_store.index.iloc[rows].assign(sample_id=lambda d: "copy_" + d["sample_id"], fold=-1)
-    leaky = write_store(tmp_path / "leaky", np.asarray(demo_store.images[rows]), index, name="leaky", adapter="demo")
+    store = trained[3]
+    rows = np.arange(0, 390, 13)  # 30 training crops under new ids: the same pixels
+    index = store.index.iloc[rows].assign(sample_id=lambda d: "copy_" + d["sample_id"], fold=-1)
+    leaky = write_store(tmp_path / "leaky", np.asarray(store.images[rows]), index, name="leaky", adapter="demo")
     with pytest.raises(OverlapError, match="shares 30 image"):
-        run_evaluate(EvaluateConfig(train_run_id=train_id, test_data=str(leaky.path), n_boot=0))
-    run_id = run_evaluate(EvaluateConfig(train_run_id=train_id, test_data=str(leaky.path), n_boot=0,
+        run_evaluate(_eval(train_run_id=train_id, test_data=str(leaky.path), n_boot=0))
+    run_id = run_evaluate(_eval(train_run_id=train_id, test_data=str(leaky.path), n_boot=0,
                                          allow_overlap=True))
     client = MlflowClient()
     assert client.get_run(run_id).data.metrics[keys.N_OVERLAP] == 30
-    pairs = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="overlap.csv"))
+    pairs = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=keys.OVERLAP_CSV))
     assert set(pairs["id_b"]) == set(index["sample_id"])
 
 

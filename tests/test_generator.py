@@ -12,7 +12,9 @@ from models.generator_quality import distribution_distance, memorisation
 from models.generator_training import FitConfig, fit_generator
 from models.sampling import SAMPLERS, generate, guided_eps
 
-FAST = dict(arch="tiny", batch_size=16, lr=2e-3, kl_weight=1e-3, ema_decay=0.99)
+# every field but the epochs (a FitConfig has no defaults: the profiles hold them)
+FAST = dict(arch="tiny", batch_size=16, lr=2e-3, kl_weight=1e-3, ema_decay=0.99, seed=0, vae_crop=0, label_dropout=0.1,
+            num_train_timesteps=1000, preview_every=0)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +112,7 @@ def test_every_sampler_is_tested():
 def test_training_resumes_after_a_kill_where_it_stopped(thumb_stores, tmp_path):
     _, pool = thumb_stores
     images = pool.images[:32]
-    cfg = FitConfig(vae_epochs=1, dit_epochs=3, preview_every=-1, **FAST)
+    cfg = FitConfig(vae_epochs=1, dit_epochs=3, **{**FAST, "preview_every": -1})
     whole = fit_generator(images, None, cfg, tmp_path / "whole")
 
     class Killed(Exception):

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, recall_score, roc_auc_score
 
-from analysis.metrics import (_weighted_metrics, ba_optimal_threshold, binary_metrics, bootstrap_metrics,
+from models.metrics import (_weighted_metrics, ba_optimal_threshold, binary_metrics, bootstrap_metrics,
                               mean_and_population_sd)
 from data_tools.augment import PRESETS, augment_and_preprocess, preprocess
 from data_tools.constants import IMAGENET_MEAN, LUNIT_MEAN, LUNIT_STD

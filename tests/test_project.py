@@ -34,11 +34,40 @@ def test_every_entry_point_has_its_module():
             assert "{" + param + "}" in ep["command"], f"{name}: parameter {param} unused"
 
 
-def test_library_packages_never_import_pipelines():
-    for pkg in ("models", "data_tools", "analysis"):
+LAYERS = ("data_tools", "models", "analysis", "pipelines")  # each may import only those before it
+
+
+def _project_imports(py: Path) -> list[str]:
+    """Top-level package of every import in the file, function-level imports included."""
+    found = []
+    for node in ast.walk(ast.parse(py.read_text())):
+        if isinstance(node, ast.Import):
+            found += [a.name.split(".")[0] for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append(node.module.split(".")[0])
+    return [name for name in found if name in LAYERS]
+
+
+def test_layers_only_point_down():
+    upward = []
+    for rank, pkg in enumerate(LAYERS):
         for py in (ROOT / pkg).rglob("*.py"):
-            tree = ast.parse(py.read_text())
-            for node in ast.walk(tree):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-                assert not any(n.split(".")[0] == "pipelines" for n in names), f"{py} imports pipelines"
+            upward += [f"{py.relative_to(ROOT)} imports {name}" for name in _project_imports(py)
+                       if LAYERS.index(name) > rank]
+    assert not upward, upward
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from pipelines.train_cv import run_train_cv\n    import analysis.keys\n")
+    assert _project_imports(bad) == ["pipelines", "analysis"]
+
+
+def test_no_file_cites_what_lies_outside_the_repository():
+    cited = []
+    for path in [*ROOT.glob("*.md"), *ROOT.glob("docs/*.md"), ROOT / "MLproject", ROOT / "Dockerfile",
+                 *ROOT.glob("docker/*"), *[p for pkg in (*LAYERS, "scripts") for p in (ROOT / pkg).rglob("*.py")]]:
+        text = path.read_text()
+        cited += [f"{path.relative_to(ROOT)}: {word}" for word in ("../shared", "paper.txt", "shared/DESIGN")
+                  if word in text]
+    assert not cited, cited

@@ -17,7 +17,7 @@ from PIL import Image
 
 from analysis import keys
 from data_tools.demo import make_demo
-from data_tools.inputs import encode_png_base64
+from data_tools.images import encode_png_base64
 from models.ensemble import FoldEnsemble
 from pipelines import report
 
@@ -41,7 +41,7 @@ def test_registered_ensemble_serves_predictions_over_http(tracking, tiny_train_r
         mlflow.log_params({keys.P_TRAIN_RUN_ID: tiny_train_run, keys.P_THRESHOLD: str(threshold)})
         mlflow.log_metrics({keys.test_metric(m): 0.6 for m in keys.TEST_METRICS})
 
-    summary = report.main(["--n_boot", "20"])
+    summary = report.main(["--n_boot", "20", "--register", "yes"])  # "yes" registers, as "true" does
     assert summary["registered"]["name"] == keys.MODEL_NAME
     version = MlflowClient().get_model_version_by_alias(keys.MODEL_NAME, keys.SUBMISSION_ALIAS)
     assert version.version == summary["registered"]["version"]

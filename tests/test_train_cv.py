@@ -1,5 +1,6 @@
 """train_cv: learning, the MLflow contract, resume after SIGKILL, determinism, leakage
 refusals, synthetic balancing, `mlflow run`, and a short run on real AMi-Br crops."""
+import dataclasses
 import os
 import signal
 import subprocess
@@ -22,7 +23,8 @@ from data_tools.folds import assign_folds, balance_count
 from data_tools.provenance import LeakageError, fold_train_ids, synthetic_provenance
 from data_tools.store import write_store
 from models.backbones import resolve_backbone
-from models.training import TrainConfig, fold_pools, train_fold
+from models.training import fold_pools, train_fold
+from pipelines.config import build
 from pipelines.train_cv import TrainCVConfig, run_train_cv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,9 +39,10 @@ def _env(**extra) -> dict:
 
 
 def _cfg(store, **kw) -> TrainCVConfig:
+    """The demo profile's train_cv config, with one short fold by default."""
     base = dict(data=str(store.path), backbone="convnext", folds="1", epochs=1, batch_size=32, seed=0,
-                augment="flips", profile="demo", workroot=".work")
-    return TrainCVConfig(**{**base, **kw})
+                augment="flips", workroot=".work")
+    return build(TrainCVConfig, "demo", **{**base, **kw})
 
 
 def _children(client, parent_id):
@@ -60,9 +63,9 @@ def _assert_fold_run_contract(client, child, epochs):
 
 
 def test_training_learns_well_above_chance(demo_store, tmp_path):
-    cfg = TrainConfig(backbone="convnext", profile="demo", epochs=5, batch_size=16, seed=0, augment="flips")
+    cfg = build(TrainCVConfig, "demo", epochs=5, batch_size=16, seed=0, augment="flips")
     result = train_fold(cfg, demo_store, 2, None, tmp_path)
-    assert result.best_val_auroc > 0.7, [h[keys.VAL_AUROC] for h in result.history]
+    assert result.best_val_auroc > 0.7, [h.val_auroc for h in result.history]
     preds = result.val_predictions
     assert list(preds.columns[:3]) == ["sample_id", "label", "prob"] and len(preds) == result.n_val
 
@@ -99,7 +102,7 @@ def test_mlflow_contract_parent_and_five_fold_runs(demo_store, tracking):
 
 
 def test_same_seed_same_run(demo_store, tmp_path):
-    cfg = TrainConfig(backbone="convnext", profile="demo", epochs=1, batch_size=32, seed=3, augment="paper")
+    cfg = build(TrainCVConfig, "demo", epochs=1, batch_size=32, seed=3, augment="paper")
     a = train_fold(cfg, demo_store, 4, None, tmp_path / "a")
     b = train_fold(cfg, demo_store, 4, None, tmp_path / "b")
     assert a.history == b.history
@@ -204,7 +207,7 @@ def test_synthetic_count_balances_the_fold_or_follows_n_synthetic(demo_store, tm
     assert deficit == (labels == 0).sum() - (labels == 1).sum() > 12
     big = _synthetic_store(tmp_path / "big", demo_store, k, fold_train_ids(demo_store, k), n=deficit + 5)
     for n_synthetic, expected in ((None, deficit), (12, 12)):
-        cfg = TrainConfig(backbone="convnext", profile="demo", n_synthetic=n_synthetic)
+        cfg = dataclasses.replace(build(TrainCVConfig, "demo"), n_synthetic=n_synthetic)
         train, val, n_syn = fold_pools(cfg, demo_store, k, big)
         assert n_syn == expected and len(train) == len(labels) + expected
         assert len(val) == len(demo_store.fold_rows(k)[1])

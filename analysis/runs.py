@@ -1,0 +1,207 @@
+"""Every MLflow lookup of the project, one rule per question, so that the steps cannot disagree.
+
+- the runs of a step: active runs, newest first (`search`, `step_runs`, `latest_run`);
+- the fold runs of a parent (train_cv or generator_finetune): **the newest FINISHED run per
+  fold** (`fold_runs`); every attempt per fold, for resuming (`fold_attempts`);
+- the folds a parent should have: its `folds` param when it lists them (`expected_folds`), and
+  a complete set or an error naming the missing folds (`complete_fold_runs`);
+- what the fold runs hold: out-of-fold predictions, checkpoints (each with its config.json),
+  the fold ensemble;
+- the threshold of a train_cv run's latest evaluate run.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.entities import Run, ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from analysis import keys
+from data_tools.folds import parse_fold_list
+
+FINISHED = "FINISHED"
+
+
+class RunLookupError(LookupError):
+    """The runs lack what was asked for: no such run, a missing fold, a missing artifact."""
+
+
+def experiment_ids(client: MlflowClient, experiment: str | None = None) -> list[str]:
+    """The experiment named (by name or id), else that of the active run, else the one the
+    environment names (`mlflow run` sets it), else Default."""
+    if not experiment and mlflow.active_run() is not None:
+        return [mlflow.active_run().info.experiment_id]
+    experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_ID") or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if not experiment:
+        return ["0"]
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None and experiment.isdigit():
+        try:
+            exp = client.get_experiment(experiment)
+        except MlflowException:
+            exp = None
+    if exp is None:
+        names = [e.name for e in client.search_experiments()]
+        raise RunLookupError(f"no experiment {experiment!r} in {mlflow.get_tracking_uri()}; experiments: {names}")
+    return [exp.experiment_id]
+
+
+def search(client: MlflowClient, exp_ids: list[str], filter_string: str = "", finished_only: bool = True) -> list[Run]:
+    """All matching active runs, newest first (pages through the results)."""
+    if finished_only:
+        filter_string = " and ".join(f for f in (filter_string, f"attributes.status = '{FINISHED}'") if f)
+    runs, token = [], None
+    while True:
+        page = client.search_runs(exp_ids, filter_string, run_view_type=ViewType.ACTIVE_ONLY,
+                                  order_by=["attributes.start_time DESC"], max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def step_runs(client: MlflowClient, exp_ids: list[str], step: str, finished_only: bool = True,
+              filter_string: str = "") -> list[Run]:
+    query = " and ".join(f for f in (f"tags.`{keys.STEP}` = '{step}'", filter_string) if f)
+    return search(client, exp_ids, query, finished_only)
+
+
+def latest_run(client: MlflowClient, exp_ids: list[str], step: str, filter_string: str = "") -> Run | None:
+    """The newest finished run of a step (matching the filter), or None."""
+    found = step_runs(client, exp_ids, step, filter_string=filter_string)
+    return found[0] if found else None
+
+
+def get_run(client: MlflowClient, run_id: str, step: str | None = None) -> Run:
+    """A run by id, checked to be of `step`; RunLookupError names what is wrong."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        raise RunLookupError(f"run {run_id}: not found in {mlflow.get_tracking_uri()} "
+                             f"({e.message.splitlines()[0]})") from None
+    if step and run.data.tags.get(keys.STEP) != step:
+        raise RunLookupError(f"run {run_id} is not a {step} run (tag step={run.data.tags.get(keys.STEP)!r})")
+    return run
+
+
+def fold_attempts(client: MlflowClient, parent_id: str) -> dict[int, list[Run]]:
+    """{k: every fold run of the parent for fold k, newest first}, finished or not."""
+    exp = client.get_run(parent_id).info.experiment_id
+    out: dict[int, list[Run]] = {}
+    for run in search(client, [exp], f"tags.`{keys.PARENT_RUN}` = '{parent_id}'", finished_only=False):
+        k = run.data.tags.get(keys.FOLD, "")
+        if k.isdigit():
+            out.setdefault(int(k), []).append(run)
+    return dict(sorted(out.items()))
+
+
+def fold_runs(client: MlflowClient, parent_id: str) -> dict[int, Run]:
+    """{k: the newest FINISHED fold run for fold k}: the one rule every consumer uses."""
+    attempts = fold_attempts(client, parent_id)
+    return {k: done[0] for k, runs in attempts.items() if (done := [r for r in runs if r.info.status == FINISHED])}
+
+
+def expected_folds(parent: Run, seen: set[int] | None = None) -> list[int]:
+    """Folds the parent was asked for: its `folds` param when it lists them ("1,3"), else 1..max fold seen."""
+    listed = parse_fold_list(parent.data.params.get(keys.P_FOLDS, ""))
+    if listed is not None:
+        return listed
+    return list(range(1, max(seen) + 1)) if seen else []
+
+
+def complete_fold_runs(client: MlflowClient, parent_id: str) -> dict[int, Run]:
+    """The parent's fold runs, one finished run for each expected fold, or an error naming the missing."""
+    parent = client.get_run(parent_id)
+    found = fold_runs(client, parent_id)
+    expected = expected_folds(parent, set(fold_attempts(client, parent_id)))
+    missing = [k for k in expected if k not in found]
+    if missing or not found:
+        raise RunLookupError(f"run {parent_id} ({parent.data.tags.get(keys.STEP, '?')}) has no finished fold run for "
+                             f"fold(s) {missing or expected or 'any'}; it has {sorted(found) or 'none'}")
+    return {k: found[k] for k in (expected or sorted(found))}
+
+
+def read_csv_artifact(run_id: str, path: str) -> pd.DataFrame | None:
+    """A CSV artifact of a run as a DataFrame (ids as text), or None when the run has no such artifact."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp)
+        except (MlflowException, OSError):
+            return None
+        if not Path(local).is_file():
+            return None
+        return pd.read_csv(local, dtype={"sample_id": str})
+
+
+def oof_predictions(folds: dict[int, Run]) -> pd.DataFrame:
+    """The fold runs' validation predictions pooled (sample_id, label, prob, fold)."""
+    parts = []
+    for k, run in sorted(folds.items()):
+        df = read_csv_artifact(run.info.run_id, keys.VAL_PREDICTIONS)
+        if df is None:
+            raise RunLookupError(f"fold {k} run {run.info.run_id[:8]} has no {keys.VAL_PREDICTIONS}")
+        missing = {"sample_id", "label", "prob"} - set(df.columns)
+        if missing:
+            raise RunLookupError(f"fold {k} run {run.info.run_id[:8]}: {keys.VAL_PREDICTIONS} lacks {sorted(missing)}")
+        parts.append(df.assign(fold=k))
+    if not parts:
+        raise RunLookupError("no fold runs")
+    return pd.concat(parts, ignore_index=True)
+
+
+def download_checkpoints(folds: dict[int, Run], dst: str | Path) -> dict[int, str]:
+    """{k: local checkpoint folder} of the fold runs, each checked for its config.json."""
+    out = {}
+    for k, run in sorted(folds.items()):
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=keys.CHECKPOINT_DIR,
+                                                        dst_path=str(Path(dst) / f"fold{k}"))
+        except (MlflowException, OSError):
+            local = ""
+        if not local or not (Path(local) / "config.json").is_file():
+            raise RunLookupError(f"fold {k} run {run.info.run_id[:8]} has no {keys.CHECKPOINT_DIR}/config.json artifact")
+        out[k] = local
+    return out
+
+
+def load_ensemble(train_run_id: str, device: str = "cpu", dst: str | Path | None = None):
+    """The fold ensemble (models.ensemble.FoldEnsemble) of a train_cv run's complete fold set."""
+    from models.ensemble import FoldEnsemble
+
+    client = MlflowClient()
+    get_run(client, train_run_id, keys.TRAIN_CV)
+    dirs = download_checkpoints(complete_fold_runs(client, train_run_id), dst or tempfile.mkdtemp(prefix="ensemble-"))
+    return FoldEnsemble.from_dirs([dirs[k] for k in sorted(dirs)], device)
+
+
+def numeric(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def run_threshold(run: Run) -> float | None:
+    """The decision threshold an evaluate run used (param, else the metric of that name), if numeric."""
+    for value in (run.data.params.get(keys.P_THRESHOLD), run.data.metrics.get(keys.P_THRESHOLD)):
+        if numeric(value) is not None:
+            return numeric(value)
+    return None
+
+
+def latest_threshold(train_run_id: str) -> float | None:
+    """The threshold of the newest finished evaluate run of a train_cv run, if any."""
+    client = MlflowClient()
+    exp = client.get_run(train_run_id).info.experiment_id
+    found = latest_run(client, [exp], keys.EVALUATE, f"params.{keys.P_TRAIN_RUN_ID} = '{train_run_id}'")
+    return run_threshold(found) if found else None
+
+
+def is_fold_run(run: Run) -> bool:
+    return bool(re.fullmatch(r"\d+", run.data.tags.get(keys.FOLD, "")))

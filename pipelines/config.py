@@ -1,0 +1,126 @@
+"""One typed config per step: its fields are the step's command line, its logged params and its
+profile keys, so adding a parameter is one field (with its help) plus one value per profile.
+
+A step declares a dataclass (deriving from `StepConfig`, and from the library config it feeds,
+e.g. `models.training.TrainConfig`); `from_cli` builds the argument parser from its fields,
+fills what was not given from the profile (`pipelines/profiles.py`, the only place for
+defaults) and casts every value to the field's type. Field metadata (plain dict keys, so that
+library configs can carry them without importing this module):
+
+- `help`: the --help text and the README's parameter tables;
+- `identity: False`: may differ between jobs of one experiment without changing its results
+  (device, paths, the folds asked for): not in the experiment key, not logged on a shared parent;
+- `required: True`: no default, must be given;
+- `none`: the word that means None for an optional field (default "none"; "balance" for
+  n_synthetic).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+from data_tools.params import identity_fields, param, parse_flag
+from pipelines.profiles import defaults
+
+C = TypeVar("C", bound="StepConfig")
+
+
+@dataclass
+class StepConfig:
+    """What every step takes: the profile that fills in whatever is not given."""
+    profile: str = param("demo | paper | a YAML profile file (base: demo + per-step overrides)", identity=False)
+
+    STEP: ClassVar[str] = ""
+    # profile sections whose values fill this config, later ones winning (tune: train_cv, then tune)
+    SECTIONS: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def sections(cls) -> tuple[str, ...]:
+        return cls.SECTIONS or (cls.STEP,)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _cast(value: Any, kind: Any, f: dataclasses.Field) -> Any:
+    """A profile or command-line value as the field's type (`X | None` from the field's none word)."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None or str(value).strip().lower() in ("", "none", f.metadata.get("none", "none")):
+            return None
+        kind = next(a for a in args if a is not type(None))
+    if kind is bool:
+        return parse_flag(value, f.name)
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{f.name} must be {getattr(kind, '__name__', kind)}, got {value!r}") from None
+
+
+def build(cls: type[C], profile: str = "demo", **given: Any) -> C:
+    """The config of `cls` under `profile`, with every given value that is set (not None, not "") winning."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    merged = defaults(profile, cls.sections())
+    unknown = sorted(set(merged) - set(fields))
+    if unknown:
+        raise ValueError(f"profile {profile!r}: {cls.STEP} has no parameter(s) {unknown}; it knows {sorted(fields)}")
+    bad = sorted(set(given) - set(fields))
+    if bad:
+        raise TypeError(f"{cls.STEP} has no parameter(s) {bad}")
+    merged.update({k: v for k, v in given.items() if v is not None and v != ""})
+    merged["profile"] = profile
+    missing = [n for n, f in fields.items() if n not in merged and not f.metadata.get("required")]
+    if missing:
+        raise ValueError(f"profile {profile!r} has no default for {cls.STEP} parameter(s) {missing}")
+    required = [n for n, f in fields.items() if f.metadata.get("required") and merged.get(n) in (None, "")]
+    if required:
+        raise ValueError(f"{cls.STEP} needs " + " and ".join(f"--{n}" for n in required))
+    types_ = _field_types(cls)
+    return cls(**{n: _cast(merged[n], types_[n], f) for n, f in fields.items()})
+
+
+def parser(cls: type[StepConfig], doc: str | None = None) -> argparse.ArgumentParser:
+    """`--<field>` for every field, each defaulting to "" (= take the profile's value)."""
+    p = argparse.ArgumentParser(prog=f"python -m pipelines.{cls.STEP}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        p.add_argument(f"--{f.name}", default="demo" if f.name == "profile" else "", help=f.metadata.get("help"))
+    return p
+
+
+def from_cli(cls: type[C], argv: list[str] | None = None, doc: str | None = None) -> C:
+    """Parse the command line (an unknown option is an error) and build the config."""
+    p = parser(cls, doc)
+    args = vars(p.parse_args(argv))
+    try:
+        return build(cls, args.pop("profile"), **args)
+    except ValueError as e:
+        p.error(str(e))
+
+
+def as_params(cfg: StepConfig, include: type | None = None, identity_only: bool = False) -> dict[str, str]:
+    """Fields as MLflow params (None as the field's none word); `include`: only that class's fields."""
+    out = {}
+    for f in dataclasses.fields(include or cfg):
+        if identity_only and not f.metadata.get("identity", True):
+            continue
+        value = getattr(cfg, f.name)
+        out[f.name] = f.metadata.get("none", "") if value is None else str(value).lower() if isinstance(
+            value, bool) else str(value)
+    return out
+
+
+def identity(cfg: Any) -> dict[str, Any]:
+    """The values of the fields that define what is computed (for experiment keys)."""
+    return {name: getattr(cfg, name) for name in identity_fields(cfg)}
+
+
+def config_class(step: str) -> type[StepConfig]:
+    """The config class of a step module (`pipelines.<step>.CONFIG`)."""
+    return importlib.import_module(f"pipelines.{step}").CONFIG
