@@ -16,7 +16,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from analysis import keys, runs
-from analysis.runs import FINISHED, experiment_ids, read_csv_artifact  # noqa: F401 - the report's lookups
+from analysis.runs import FINISHED
 
 BACKBONE_ORDER = ("convnext", "lunit")
 

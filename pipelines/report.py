@@ -18,9 +18,8 @@ from mlflow.tracking import MlflowClient
 
 from analysis import keys
 from analysis.plots import plot_calibration, plot_fold_aurocs, plot_rocs
-from analysis.queries import (EvalRun, TrainRow, eval_runs, experiment_ids, out_of_fold_predictions,
-                              read_csv_artifact, train_rows)
-from analysis.runs import RunLookupError
+from analysis.queries import EvalRun, TrainRow, eval_runs, out_of_fold_predictions, train_rows
+from analysis.runs import RunLookupError, experiment_ids, read_csv_artifact
 from analysis.stats import compare_regimes
 from analysis.submission import CRITERIA, SelectionError, log_ensemble_model, select_row
 from analysis.tables import comparison_table, row_label, table1, table2, table2_domains, to_markdown, write_table

@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from analysis import keys
-from analysis.queries import experiment_ids, train_rows
+from analysis.queries import train_rows
+from analysis.runs import experiment_ids
 from analysis.submission import log_ensemble_model
 from data_tools.demo import make_demo
 from data_tools.inputs import PLATFORM_INPUT, PLATFORM_OUTPUT, read_stack

@@ -15,7 +15,8 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from analysis import keys
-from analysis.queries import ReportDataError, experiment_ids, train_rows
+from analysis.queries import ReportDataError, train_rows
+from analysis.runs import experiment_ids
 from analysis.stats import bootstrap_auroc_difference, delong_auroc_difference, paired_fold_test
 from pipelines import report
 

@@ -10,7 +10,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from analysis import keys, runs
-from analysis.queries import experiment_ids, out_of_fold_predictions, train_rows
+from analysis.queries import out_of_fold_predictions, train_rows
+from analysis.runs import experiment_ids
 from analysis.submission import download_checkpoints
 from models.ensemble import FoldEnsemble
 from pipelines.evaluate import oof_predictions
