@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from data_tools.params import identity_fields, param, parse_flag
-from pipelines.profiles import defaults
+from pipelines.profiles import PROFILES, defaults
 
 C = TypeVar("C", bound="StepConfig")
 
@@ -86,12 +86,27 @@ def build(cls: type[C], profile: str = "demo", **given: Any) -> C:
 
 
 def parser(cls: type[StepConfig], doc: str | None = None) -> argparse.ArgumentParser:
-    """`--<field>` for every field, each defaulting to "" (= take the profile's value)."""
+    """`--<field>` for every field (profile first), each defaulting to "" (= take the profile's value);
+    the help names the built-in profiles' values."""
     p = argparse.ArgumentParser(prog=f"python -m pipelines.{cls.STEP}", description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(cls):
-        p.add_argument(f"--{f.name}", default="demo" if f.name == "profile" else "", help=f.metadata.get("help"))
+    builtin = {name: defaults(name, cls.sections()) for name in PROFILES}
+    fields = sorted(dataclasses.fields(cls), key=lambda f: f.name != "profile")
+    for f in fields:
+        values = ", ".join(f"{name}: {shown(section[f.name], f)}" for name, section in builtin.items()
+                           if f.name in section)
+        help_ = f.metadata.get("help", "") + (f" [{values}]" if values else "")
+        p.add_argument(f"--{f.name}", default="demo" if f.name == "profile" else "", help=help_.replace("%", "%%"))
     return p
+
+
+def shown(value: Any, f: dataclasses.Field) -> str:
+    """A profile value as a user types it: None as the field's none word, flags as true/false, "" as -."""
+    if value is None:
+        return f.metadata.get("none", "none")
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value) if value != "" else "-"
 
 
 def from_cli(cls: type[C], argv: list[str] | None = None, doc: str | None = None) -> C:

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from analysis import keys  # noqa: E402
-from pipelines.config import build, config_class  # noqa: E402
+from pipelines.config import build, config_class, shown  # noqa: E402
 from pipelines.profiles import PROFILES  # noqa: E402
 
 BEGIN, END = "<!-- parameter tables: scripts/param_tables.py -->", "<!-- end of parameter tables -->"
@@ -24,12 +24,8 @@ STEPS = (keys.MAIN, keys.PREPARE_DATA, keys.GENERATOR_PRETRAIN, keys.GENERATOR_F
          keys.TRAIN_CV, keys.EVALUATE, keys.REPORT, keys.TUNE, keys.PREDICT)
 
 
-def _shown(value, f: dataclasses.Field) -> str:
-    if value is None:
-        return f"`{f.metadata.get('none', 'none')}`"
-    if isinstance(value, bool):
-        return f"`{str(value).lower()}`"
-    return f"`{value}`" if value != "" else "-"
+def _cell(text: str) -> str:
+    return "-" if text == "-" else f"`{text}`"
 
 
 def _rows(cls) -> list[dataclasses.Field]:
@@ -50,7 +46,7 @@ def step_table(step: str) -> str:
              "", "| parameter | " + " | ".join(configs) + " | what |", "|---|" + "---|" * len(configs) + "---|"]
     for f in _rows(cls):
         required = f.metadata.get("required")
-        values = ["(required)" if required else _shown(getattr(c, f.name), f) for c in configs.values()]
+        values = ["(required)" if required else _cell(shown(getattr(c, f.name), f)) for c in configs.values()]
         what = f.metadata.get("help", "").replace("|", "\\|")
         lines.append(f"| `{f.name}` | " + " | ".join(values) + f" | {what} |")
     return "\n".join(lines)
