@@ -49,6 +49,9 @@ P_N_SYNTHETIC = "n_synthetic"  # synthetic atypical crops per fold, or "balance"
 P_TIMM_NAME = "timm_name"  # the architecture the backbone name resolved to in the profile
 P_INPUT_SIZE = "input_size"
 P_AUGMENT = "augment"  # paper | flips | none
+P_SPLIT = "split"  # how the store's folds were made: group (slide-grouped CV) | lodo (leave one domain out)
+P_SPLIT_BY = "split_by"  # lodo: the column whose values are the folds
+LODO = "lodo"
 TRAIN_CV_KEY = "train_cv_key"  # tag: hash of params + data digest + code; fold jobs join the parent with it
 FOLDS_DONE = "folds_done"  # tag on the parent: "1,2,..." the folds with a finished fold run
 DATA_PATH = "data_path"  # tag on the parent: where the training store was (evaluate's overlap check opens it)
@@ -62,6 +65,11 @@ CV_AUROC_MEAN = "cv_auroc_mean"
 CV_AUROC_STD = "cv_auroc_std"
 CV_BA_MEAN = "cv_ba_mean"
 CV_BA_STD = "cv_ba_std"
+
+
+def fold_domain_param(k: int) -> str:
+    """lodo: the domain (or merged domains) fold k holds out, e.g. "fold2_domain"."""
+    return f"fold{k}_domain"
 
 
 def fold_metric(k: int, name: str) -> str:
@@ -196,9 +204,10 @@ SELECTED_TRAIN_RUN = "selected_train_run_id"  # tag
 SELECTED_ROW = "selected_row"  # tag, e.g. "ConvNeXt-Small (real)"
 SELECTED_VALUE = "selected_value"  # metric: the criterion's value of the chosen row
 REPORT_MD = "report.md"
-TABLE1, TABLE2, COMPARISON = "table1", "table2", "comparison"  # artifact stems: .md, .csv, .tex
-COMPARISON_JSON = "comparison.json"
+TABLE1, TABLE2, COMPARISON = "table1", "table2", "comparison"  # artifact stems: .md, .csv, .tex (+ comparison.json)
+TABLE1_DOMAINS = "table1_domains"  # leave-one-domain-out rows: table1_domains_auroc.*, table1_domains_ba.*
 FIG_FOLD_AUROC, FIG_TEST_ROC, FIG_CALIBRATION = "fold_auroc.png", "test_roc.png", "calibration.png"
+FIG_DOMAIN_GAP = "domain_gap.png"  # slide-grouped CV vs leave one domain out, per row
 
 # predict run (only under `mlflow run`)
 N_CROPS = "n_crops"

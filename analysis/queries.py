@@ -43,8 +43,24 @@ class TrainRow:
         return self.backbone, self.regime
 
     @property
+    def split(self) -> str:
+        """group (slide-grouped CV) or lodo (leave one domain out), from the parent's params."""
+        return self.run.data.params.get(keys.P_SPLIT) or "group"
+
+    @property
+    def fold_domains(self) -> dict[int, str]:
+        """lodo: {k: the domain fold k holds out}; {} otherwise."""
+        found = {}
+        for param, value in self.run.data.params.items():
+            m = re.fullmatch(r"fold(\d+)_domain", param)
+            if m:
+                found[int(m.group(1))] = value
+        return dict(sorted(found.items()))
+
+    @property
     def name(self) -> str:
-        return f"{self.backbone}/{self.regime} (train_cv run {self.run_id[:8]})"
+        lodo = " leave-one-domain-out" if self.split == keys.LODO else ""
+        return f"{self.backbone}/{self.regime}{lodo} (train_cv run {self.run_id[:8]})"
 
     def fold_metric(self, name: str) -> dict[int, float]:
         """{k: value} of the parent's fold{k}_<name> metrics, e.g. fold_metric("auroc")."""
@@ -151,9 +167,9 @@ def _latest_parents(client: MlflowClient, exp_ids: list[str], problems: list[str
                 if _is_train_parent(r) and r.data.tags.get(keys.PARENT_RUN) not in tune_ids]
     if not all_runs:
         problems.append(f"no train_cv runs in experiment(s) {exp_ids}")
-    by_key: dict[tuple[str, str], list[Run]] = {}
-    for run in all_runs:  # newest first
-        by_key.setdefault(_row_key(run), []).append(run)
+    by_key: dict[tuple[str, str, str], list[Run]] = {}
+    for run in all_runs:  # newest first; a row per backbone, regime and split
+        by_key.setdefault((*_row_key(run), run.data.params.get(keys.P_SPLIT) or "group"), []).append(run)
     chosen = []
     for key, candidates in by_key.items():
         finished = [r for r in candidates if r.info.status == FINISHED]
@@ -161,7 +177,8 @@ def _latest_parents(client: MlflowClient, exp_ids: list[str], problems: list[str
             chosen.append(finished[0])
         else:
             states = ", ".join(sorted(r.info.status for r in candidates))
-            problems.append(f"{key[0]}/{key[1]}: no finished train_cv run (found {len(candidates)}: {states})")
+            lodo = " (leave-one-domain-out)" if key[2] == keys.LODO else ""
+            problems.append(f"{key[0]}/{key[1]}{lodo}: no finished train_cv run (found {len(candidates)}: {states})")
     return chosen
 
 
@@ -174,16 +191,17 @@ def train_rows(client: MlflowClient, exp_ids: list[str], run_ids: list[str] | No
     problems: list[str] = []
     chosen = _named_parents(client, run_ids, problems) if run_ids else _latest_parents(client, exp_ids, problems)
     loaded = [load_row(client, run) for run in chosen]
-    n_folds = max((max(r.seen_folds, default=0) for r in loaded), default=0)
+    n_folds = {split: max((max(r.seen_folds, default=0) for r in loaded if r.split == split), default=0)
+               for split in {r.split for r in loaded}}  # rows of one split should have the same folds
     rows = []
     for row in loaded:
-        row_problems = missing_folds(row, n_folds)
+        row_problems = missing_folds(row, n_folds[row.split])
         problems.extend(row_problems)
         if not row_problems:
             rows.append(row)
     if strict and problems:
         raise ReportDataError("; ".join(problems))
-    return sorted(rows, key=lambda r: row_order(r.key)), problems
+    return sorted(rows, key=lambda r: (r.split == keys.LODO, row_order(r.key))), problems
 
 
 def eval_runs(client: MlflowClient, exp_ids: list[str], rows: list[TrainRow]) -> dict[str, dict[str, EvalRun]]:

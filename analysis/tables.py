@@ -25,9 +25,15 @@ MEAN, SD, MEAN_SD = "Mean", "SD", "Mean ± SD"
 MISSING = "—"
 
 
-def row_label(backbone: str, regime: str) -> str:
-    """'ConvNeXt-Small (real)', the paper's row names; unknown names are shown as they are."""
-    return f"{BACKBONE_NAMES.get(backbone, backbone)} ({REGIME_NAMES.get(regime, regime)})"
+def row_label(backbone: str, regime: str, split: str = "group") -> str:
+    """'ConvNeXt-Small (real)', the paper's row names ('... [LODO]' for leave-one-domain-out rows);
+    unknown names are shown as they are."""
+    lodo = " [LODO]" if split == keys.LODO else ""
+    return f"{BACKBONE_NAMES.get(backbone, backbone)} ({REGIME_NAMES.get(regime, regime)}){lodo}"
+
+
+def label(row: TrainRow) -> str:
+    return row_label(row.backbone, row.regime, row.split)
 
 
 def _ids(row: TrainRow) -> dict[str, str]:
@@ -44,6 +50,23 @@ def table1(rows: list[TrainRow]) -> pd.DataFrame:
         records.append({**_ids(row), **{f"F{k}": folds[k] * 100 if k in folds else math.nan for k in range(1, k_max + 1)},
                         MEAN: mean, SD: sd})
     return _frame(records, [f"F{k}" for k in range(1, k_max + 1)] + [MEAN, SD], rows)
+
+
+WORST, WORST_DOMAIN = "Worst", "Worst domain"
+
+
+def domain_table(rows: list[TrainRow], metric: str = "auroc") -> pd.DataFrame:
+    """Leave-one-domain-out rows: the metric (%) on each held-out domain (columns named by domain),
+    the mean and population SD over domains, and the worst domain with its value."""
+    domains = list(dict.fromkeys(d for r in rows for d in r.fold_domains.values()))
+    records = []
+    for row in rows:
+        values = {row.fold_domains[k]: v * 100 for k, v in row.fold_metric(metric).items() if k in row.fold_domains}
+        mean, sd = mean_and_population_sd(values.values())
+        worst = min(values, key=values.get) if values else None
+        records.append({**_ids(row), **{d: values.get(d, math.nan) for d in domains}, MEAN: mean, SD: sd,
+                        WORST: values.get(worst, math.nan), WORST_DOMAIN: worst or MISSING})
+    return _frame(records, domains + [MEAN, SD, WORST, WORST_DOMAIN], rows)
 
 
 def table2(rows: list[TrainRow], evals: dict[str, EvalRun]) -> tuple[pd.DataFrame, list[str]]:
@@ -83,7 +106,7 @@ def table2_domains(rows: list[TrainRow], evals: dict[str, EvalRun], metric: str 
 
 def _frame(records: list[dict], value_columns: list[str], rows: list[TrainRow], extra_ids: list[str] = ()) -> pd.DataFrame:
     df = pd.DataFrame(records, columns=ID_COLUMNS + list(extra_ids) + value_columns,
-                      index=pd.Index([row_label(*r.key) for r in rows], name="Model"))
+                      index=pd.Index([label(r) for r in rows], name="Model"))
     return df
 
 

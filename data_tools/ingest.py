@@ -52,11 +52,14 @@ def _check_options(source: str, options: dict) -> None:
 
 
 def ingest(source: str, root: str | None, out: str | Path, *, folds: int = 5, seed: int = 0,
-           on_error: str = "raise", name: str | None = None, **options) -> tuple[Store, pd.DataFrame]:
+           on_error: str = "raise", name: str | None = None, split: str = "group", split_by: str = "domain",
+           min_domain_size: int = 0, **options) -> tuple[Store, pd.DataFrame]:
     """Build the store at `out` from `source`; returns it with the table of skipped items.
 
     Adapters that stream large pools (slides) write their crops under a scratch folder
-    beside `out` (same disk), which is removed once the store is written.
+    beside `out` (same disk), which is removed once the store is written. `split`: group
+    (`folds` folds grouped by slide) or lodo (one fold per value of `split_by`; folds=0 still
+    means no CV pool).
     """
     if source not in ADAPTERS:
         raise ValueError(f"unknown source {source!r}; choose one of {sorted(ADAPTERS)}")
@@ -72,11 +75,11 @@ def ingest(source: str, root: str | None, out: str | Path, *, folds: int = 5, se
         if "scratch" in inspect.signature(adapter).parameters:
             options["scratch"] = Path(scratch)
         got = adapter(root, on_error, seed=seed, **options)
-        index, split = assign_folds(got.index, int(folds), int(seed))
+        index, spec = assign_folds(got.index, int(folds), int(seed), split, split_by, int(min_domain_size))
         provenance = {"source": source, "root": str(Path(root).resolve()) if root else None, **got.provenance,
                       "n_skipped": int(len(got.skipped))}
         store = write_store(out, got.images, index, name=name or out.name, adapter=source,
-                            provenance=provenance, split=split)
+                            provenance=provenance, split=spec)
         skipped = got.skipped
         del got  # drop the scratch memmap before its folder goes
     return store, skipped

@@ -108,15 +108,15 @@ def prepare_stores(flow: Workflow, pool: ThreadPoolExecutor, cfg: MainConfig) ->
     demo = prep.source == "demo"
     todo = []
     if not data:
-        data = str(stores / prep.source)
+        data = str(stores / (prep.source + ("_lodo" if prep.split == keys.LODO else "")))
         todo.append(pool.submit(flow.step, keys.PREPARE_DATA, source=prep.source, root=prep.root, out=data))
     if not test_data and demo:  # a held-out demo set: other seed, no CV pool
         test_data = str(stores / "demo_test")
-        todo.append(pool.submit(flow.step, keys.PREPARE_DATA, source="demo", out=test_data, folds="0",
+        todo.append(pool.submit(flow.step, keys.PREPARE_DATA, source="demo", out=test_data, folds="0", split="group",
                                 seed=str(prep.seed + 1), size=str(cfg.test_size)))
     if not gen_pool and demo:  # pretraining never sees the CV pool: a pool of its own
         gen_pool = str(stores / "demo_pool")
-        todo.append(pool.submit(flow.step, keys.PREPARE_DATA, source="demo", out=gen_pool, folds="0",
+        todo.append(pool.submit(flow.step, keys.PREPARE_DATA, source="demo", out=gen_pool, folds="0", split="group",
                                 seed=str(prep.seed + 2), size=str(cfg.pool_size)))
     for done in todo:
         done.result()

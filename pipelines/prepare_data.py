@@ -26,7 +26,10 @@ class PrepareDataConfig(StepConfig):
     source: str = param(f"one of {', '.join(sorted(ADAPTERS))}")
     root: str = param("where the raw source lies (file or folder)")
     out: str = param("store folder to write (default stores/<source>)")
-    folds: int = param("CV folds (0: no CV pool, e.g. a test set)")
+    folds: int = param("CV folds with split=group (0: no CV pool, e.g. a test set, whatever the split)")
+    split: str = param("group (folds grouped by slide, stratified by label) | lodo (one fold per value of split_by)")
+    split_by: str = param("lodo: the column whose values are the held-out domains (domain, or e.g. Scanner)")
+    min_domain_size: int = param("lodo: domains with fewer labelled crops are merged into one fold (recorded)")
     seed: int = param("seed of the fold assignment (and of the demo crops)")
     on_error: str = param("raise | skip (skipped items are listed in the run's skipped.csv)")
     size: int | None = param("demo only: number of crops")
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None):
     options = {"size": cfg.size} if cfg.source == "demo" and cfg.size else {}
     options.update(_extra_options(p, extra))
     store, skipped = ingest(cfg.source, cfg.root or None, out, folds=cfg.folds, seed=cfg.seed, on_error=cfg.on_error,
-                            **options)
+                            split=cfg.split, split_by=cfg.split_by, min_domain_size=cfg.min_domain_size, **options)
     with step_run(keys.PREPARE_DATA, cfg.profile, run_name=f"prepare {store.name}"):
         log_params({**as_params(cfg), "out": str(out), **options})
         log_store(store, "training")

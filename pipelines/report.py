@@ -17,12 +17,13 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from analysis import keys
-from analysis.plots import plot_calibration, plot_fold_aurocs, plot_rocs
+from analysis.plots import plot_calibration, plot_domain_gap, plot_fold_aurocs, plot_rocs
 from analysis.queries import EvalRun, TrainRow, eval_runs, out_of_fold_predictions, train_rows
 from analysis.runs import RunLookupError, experiment_ids, read_csv_artifact
 from analysis.stats import compare_regimes
 from analysis.submission import CRITERIA, SelectionError, log_ensemble_model, select_row
-from analysis.tables import comparison_table, row_label, table1, table2, table2_domains, to_markdown, write_table
+from analysis.tables import (comparison_table, domain_table, label, table1, table2, table2_domains, to_markdown,
+                             write_table)
 from data_tools.constants import ATYPICAL, NORMAL
 from data_tools.params import param
 from pipelines.common import log_params, step_run
@@ -75,13 +76,13 @@ def _predictions(rows: list[TrainRow], evals: dict[str, EvalRun] | None, report:
         if df["label"].nunique() < 2:
             report.skip("Figures", [f"{row.name}: evaluate run {ev.run_id[:8]} lacks a labelled crop of each class"])
             continue
-        curves[row_label(*row.key)] = (df["label"].to_numpy(int), df["prob"].to_numpy(float))
+        curves[label(row)] = (df["label"].to_numpy(int), df["prob"].to_numpy(float))
     if curves:
         return curves, "test"
     for row in rows:
         oof, _ = out_of_fold_predictions(row)
         if oof is not None:
-            curves[row_label(*row.key)] = (oof["label"].to_numpy(int), oof["prob"].to_numpy(float))
+            curves[label(row)] = (oof["label"].to_numpy(int), oof["prob"].to_numpy(float))
     return curves, ("out-of-fold predictions" if curves else None)
 
 
@@ -111,16 +112,44 @@ def table2_sections(rows: list[TrainRow], evals_by_set: dict[str, dict[str, Eval
         report.section(f"Table 2 ({name})", text)
 
 
-def comparison_section(rows: list[TrainRow], n_boot: int, report: Report) -> None:
+def domain_sections(rows: list[TrainRow], report: Report) -> None:
+    """Leave-one-domain-out rows: AUROC and BA on each held-out domain, mean, SD and the worst domain."""
+    for metric, name in (("auroc", "AUROC"), ("ba", "balanced accuracy")):
+        table = domain_table(rows, metric)
+        caption = f"{name} (%) on each held-out domain (leave one domain out), per backbone and regime."
+        write_table(table, report.out, f"{keys.TABLE1_DOMAINS}_{metric}", caption)
+        report.section(f"Table 1, leave one domain out ({name})", f"{caption}\n\n{to_markdown(table)}")
+
+
+def domain_gap_figure(grouped: list[TrainRow], held_out: list[TrainRow], report: Report) -> None:
+    """Per (backbone, regime) with both protocols: slide-grouped CV vs leave-one-domain-out AUROC."""
+    by_key = {r.key: r for r in grouped}
+    gaps = {label(by_key[r.key]).removesuffix(" [LODO]"): (
+        [v * 100 for v in by_key[r.key].fold_metric("auroc").values()], [v * 100 for v in r.fold_metric("auroc").values()])
+        for r in held_out if r.key in by_key}
+    if gaps:
+        plot_domain_gap(gaps, report.out / keys.FIG_DOMAIN_GAP)
+        lines = [f"- {name}: slide-grouped CV {sum(g) / len(g):.2f}, leave one domain out {sum(h) / len(h):.2f} "
+                 f"(worst domain {min(h):.2f}): CV overstates by {sum(g) / len(g) - sum(h) / len(h):+.2f} pp"
+                 for name, (g, h) in gaps.items()]
+        report.section("The domain gap", "Mean AUROC (%) over folds, same backbone and regime:\n\n" + "\n".join(lines))
+    elif held_out and grouped:
+        report.skip("The domain gap", ["no (backbone, regime) has both a slide-grouped and a leave-one-domain-out row"])
+
+
+def comparison_section(rows: list[TrainRow], n_boot: int, report: Report, lodo: bool = False) -> None:
     records, skipped = compare_regimes(rows, out_of_fold_predictions, n_boot=n_boot)
-    report.skip("Regime comparison", skipped)
+    title = "Does synthetic balancing help on an unseen domain?" if lodo else "Does synthetic balancing help?"
+    report.skip(title if lodo else "Regime comparison", skipped)
     if not records:
         return
     comparison = comparison_table(records)
-    write_table(comparison, report.out, keys.COMPARISON, "Synthetic balancing minus real only")
-    (report.out / keys.COMPARISON_JSON).write_text(json.dumps(records, indent=1))
-    report.section("Does synthetic balancing help?", (
-        "Synthetic-balanced minus real-only, per backbone. Over folds: paired t-test and Wilcoxon signed-rank "
+    stem = keys.COMPARISON + ("_lodo" if lodo else "")
+    write_table(comparison, report.out, stem, "Synthetic balancing minus real only")
+    (report.out / f"{stem}.json").write_text(json.dumps(records, indent=1))
+    paired = "held-out domains (one fold each)" if lodo else "folds"
+    report.section(title, (
+        f"Synthetic-balanced minus real-only, per backbone. Over {paired}: paired t-test and Wilcoxon signed-rank "
         "test on the fold AUROCs. Over samples: AUROC difference on the pooled out-of-fold predictions with a "
         f"stratified paired bootstrap ({n_boot} resamples) interval, and DeLong's test.\n\n" + to_markdown(comparison)))
 
@@ -149,13 +178,13 @@ def submission_section(rows: list[TrainRow], evals: dict[str, EvalRun] | None, t
     except SelectionError as e:
         report.skip("Submission", [f"no row selected by {select_by}: {e}"])
         return None
-    label = row_label(*selection.row.key)
+    chosen_label = label(selection.row)
     source = f"from evaluate run `{selection.eval_run.run_id}`" if selection.eval_run else "default: no evaluate run"
-    text = (f"Selected by {select_by} = {selection.value * 100:.2f}%: {label}, train_cv run "
+    text = (f"Selected by {select_by} = {selection.value * 100:.2f}%: {chosen_label}, train_cv run "
             f"`{selection.row.run_id}`, threshold {selection.threshold:g} ({source})")
     chosen = {"train_run_id": selection.row.run_id, "criterion": select_by, "value": selection.value,
               "threshold": selection.threshold}
-    mlflow.set_tags({keys.SELECTED_TRAIN_RUN: selection.row.run_id, keys.SELECTED_ROW: label})
+    mlflow.set_tags({keys.SELECTED_TRAIN_RUN: selection.row.run_id, keys.SELECTED_ROW: chosen_label})
     mlflow.log_metric(keys.SELECTED_VALUE, selection.value)
     if register:
         try:
@@ -181,9 +210,14 @@ def build_report(out: Path, experiment: str | None, test_set: str | None, select
     report = Report(out)
     rows, problems = train_rows(client, exp_ids, run_ids)
     report.skip("Table 1", problems)
-    summary: dict = {"experiment_ids": exp_ids, "rows": {row_label(*r.key): r.run_id for r in rows}, "selection": None}
+    summary: dict = {"experiment_ids": exp_ids, "rows": {label(r): r.run_id for r in rows}, "selection": None}
+    grouped = [r for r in rows if r.split != keys.LODO]
+    held_out = [r for r in rows if r.split == keys.LODO]
     if rows:
-        table1_section(rows, report)
+        if grouped:
+            table1_section(grouped, report)
+        if held_out:
+            domain_sections(held_out, report)
         evals_by_set = eval_runs(client, exp_ids, rows)
         if test_set:
             if test_set not in evals_by_set:
@@ -194,7 +228,10 @@ def build_report(out: Path, experiment: str | None, test_set: str | None, select
             report.skip("Table 2", ["no finished evaluate run of any row"])
         summary["test_sets"] = list(evals_by_set)
         table2_sections(rows, evals_by_set, report)
-        comparison_section(rows, n_boot, report)
+        for part, lodo in ((grouped, False), (held_out, True)):
+            if part:
+                comparison_section(part, n_boot, report, lodo)
+        domain_gap_figure(grouped, held_out, report)
         # one test set for the figures and the selection: the one given, or the only one there is
         one_set = test_set or (next(iter(evals_by_set)) if len(evals_by_set) == 1 else None)
         evals = evals_by_set.get(one_set, {}) if len(evals_by_set) <= 1 or one_set else None

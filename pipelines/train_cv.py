@@ -28,7 +28,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from analysis import keys, runs
-from data_tools.folds import select_folds
+from data_tools.folds import fold_domains, select_folds
 from data_tools.params import param
 from data_tools.store import Store, open_store
 from models.metrics import mean_and_population_sd
@@ -81,13 +81,23 @@ def synthetic_stores(cfg: TrainCVConfig, real: Store, folds: list[int]) -> dict[
     return stores
 
 
+def split_params(store: Store) -> dict[str, str]:
+    """How the store's folds were made; for leave-one-domain-out, the domain each fold holds out."""
+    split = store.manifest.get("split") or {}
+    domains = fold_domains(split)
+    if not domains:
+        return {keys.P_SPLIT: "group"}
+    return {keys.P_SPLIT: keys.LODO, keys.P_SPLIT_BY: str(split.get("split_by", "")),
+            **{keys.fold_domain_param(k): name for k, name in domains.items()}}
+
+
 def parent_params(cfg: TrainCVConfig, store: Store) -> dict[str, str]:
-    """The identity fields, with what they resolved to (lr, architecture, input size, data digest).
-    Tune's trial runs log the same."""
+    """The identity fields, with what they resolved to (lr, architecture, input size, data digest,
+    the split). Tune's trial runs log the same."""
     spec = cfg.spec()
     return {**as_params(cfg, identity_only=True), keys.P_LR: str(cfg.learning_rate()),
             keys.P_TIMM_NAME: spec.timm_name, keys.P_INPUT_SIZE: str(spec.input_size),
-            keys.P_DATA_DIGEST: store.digest}
+            keys.P_DATA_DIGEST: store.digest, **split_params(store)}
 
 
 def experiment_key(cfg: TrainCVConfig, store: Store) -> str:
