@@ -36,6 +36,7 @@ MAIN = "main"
 
 # train_cv parent params
 P_BACKBONE = "backbone"
+P_BACKBONE_SET = "backbone_set"  # paper | demo: what the backbone names resolved to
 P_REGIME = "regime"
 P_FOLDS = "folds"
 P_EPOCHS = "epochs"

@@ -91,7 +91,7 @@ def plot_domain_gap(gaps: dict[str, tuple[list[float], list[float]]], path: str 
     ax.set_xticks(range(len(gaps)), list(gaps), rotation=15, ha="right")
     lows = [min(v) for pair in gaps.values() for v in pair]
     ax.set_ylim(max(0, min(lows) - 10), 108)
-    ax.set(ylabel="AUROC (%)", title="What slide-grouped CV overstates on an unseen domain")
+    ax.set(ylabel="AUROC (%)", title="Slide-grouped CV vs leave one domain out (gap: CV minus held-out)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
     return _save(fig, path)

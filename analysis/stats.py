@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from analysis import keys
+
 
 @dataclass
 class PairedFoldTest:
@@ -153,7 +155,8 @@ def compare_regimes(rows, oof_predictions, n_boot: int = 2000, seed: int = 0, al
         if a is None or b is None:
             skipped.append(f"{backbone}: no {base if a is None else other} row, nothing to compare")
             continue
-        rec: dict = {"backbone": backbone, "base_run_id": a.run_id, "other_run_id": b.run_id}
+        rec: dict = {"backbone": backbone, "backbone_set": a.run.data.params.get(keys.P_BACKBONE_SET),
+                     "base_run_id": a.run_id, "other_run_id": b.run_id}
         try:
             rec["folds"] = asdict(paired_fold_test(a.fold_metric("auroc"), b.fold_metric("auroc"), alpha))
         except ValueError as e:

@@ -17,6 +17,9 @@ from models.metrics import mean_and_population_sd
 from analysis.queries import EvalRun, TrainRow
 
 BACKBONE_NAMES = {"convnext": "ConvNeXt-Small", "lunit": "Lunit SSL"}
+# backbone_set=demo: the small members of the same families (models.backbones.DEMO), named for what ran
+DEMO_BACKBONE_NAMES = {"convnext": "ConvNeXt-Atto-shaped (demo)", "lunit": "ViT-Tiny-width/8 (demo)",
+                       "lunit_s16": "ViT-Tiny-width/16 (demo)"}
 REGIME_NAMES = {keys.REAL_ONLY: "real", keys.SYNTH_BALANCED: "real+synth"}
 TABLE2_COLUMNS = {"auroc": "AUROC", "accuracy": "Accuracy", "sensitivity": "Sensitivity",
                   "specificity": "Specificity", "ba": "Bal. Acc."}
@@ -25,15 +28,19 @@ MEAN, SD, MEAN_SD = "Mean", "SD", "Mean ± SD"
 MISSING = "—"
 
 
-def row_label(backbone: str, regime: str, split: str = "group") -> str:
-    """'ConvNeXt-Small (real)', the paper's row names ('... [LODO]' for leave-one-domain-out rows);
-    unknown names are shown as they are."""
+def backbone_name(backbone: str, backbone_set: str | None = None) -> str:
+    """The paper's name of a backbone, or the demo member's when the run trained that; else as given."""
+    return (DEMO_BACKBONE_NAMES if backbone_set == "demo" else BACKBONE_NAMES).get(backbone, backbone)
+
+
+def row_label(backbone: str, regime: str, split: str = "group", backbone_set: str | None = None) -> str:
+    """'ConvNeXt-Small (real)', the paper's row names ('... [LODO]' for leave-one-domain-out rows)."""
     lodo = " [LODO]" if split == keys.LODO else ""
-    return f"{BACKBONE_NAMES.get(backbone, backbone)} ({REGIME_NAMES.get(regime, regime)}){lodo}"
+    return f"{backbone_name(backbone, backbone_set)} ({REGIME_NAMES.get(regime, regime)}){lodo}"
 
 
 def label(row: TrainRow) -> str:
-    return row_label(row.backbone, row.regime, row.split)
+    return row_label(row.backbone, row.regime, row.split, row.run.data.params.get(keys.P_BACKBONE_SET))
 
 
 def _ids(row: TrainRow) -> dict[str, str]:
@@ -191,5 +198,5 @@ def comparison_table(records: list[dict]) -> pd.DataFrame:
             "bootstrap p": _p(b["p_value"]) if b else MISSING,
             "DeLong p": _p(d["p_value"]) if d else MISSING,
         })
-    index = pd.Index([BACKBONE_NAMES.get(r["backbone"], r["backbone"]) for r in records], name="Backbone")
+    index = pd.Index([backbone_name(r["backbone"], r.get("backbone_set")) for r in records], name="Backbone")
     return pd.DataFrame(out, index=index)

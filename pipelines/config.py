@@ -4,8 +4,8 @@ profile keys, so adding a parameter is one field (with its help) plus one value 
 A step declares a dataclass (deriving from `StepConfig`, and from the library config it feeds,
 e.g. `models.training.TrainConfig`); `from_cli` builds the argument parser from its fields,
 fills what was not given from the profile (`pipelines/profiles.py`, the only place for
-defaults) and casts every value to the field's type. Field metadata (plain dict keys, so that
-library configs can carry them without importing this module):
+defaults) and casts every value to the field's type. Field metadata, set with
+`data_tools.params.param` (which the library configs use too):
 
 - `help`: the --help text and the README's parameter tables;
 - `identity: False`: may differ between jobs of one experiment without changing its results
@@ -44,10 +44,6 @@ class StepConfig:
         return cls.SECTIONS or (cls.STEP,)
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _cast(value: Any, kind: Any, f: dataclasses.Field) -> Any:
     """A profile or command-line value as the field's type (`X | None` from the field's none word)."""
     args = typing.get_args(kind)
@@ -81,7 +77,7 @@ def build(cls: type[C], profile: str = "demo", **given: Any) -> C:
     required = [n for n, f in fields.items() if f.metadata.get("required") and merged.get(n) in (None, "")]
     if required:
         raise ValueError(f"{cls.STEP} needs " + " and ".join(f"--{n}" for n in required))
-    types_ = _field_types(cls)
+    types_ = typing.get_type_hints(cls)
     return cls(**{n: _cast(merged[n], types_[n], f) for n, f in fields.items()})
 
 
