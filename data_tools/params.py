@@ -9,14 +9,18 @@ from typing import Any
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
-def param(help: str, *, identity: bool = True, required: bool = False, none: str | None = None) -> Any:
+def param(help: str, *, identity: bool = True, required: bool = False, none: str | None = None,
+          choices: tuple[str, ...] | None = None) -> Any:
     """A config field without a default (defaults live in the profiles).
 
     identity=False: may differ between jobs of one experiment without changing its results
-    (device, paths, the folds asked for); required: must be given; none: the word for None."""
+    (device, paths, the folds asked for); required: must be given; none: the word for None;
+    choices: the only values accepted."""
     meta = {"help": help, "identity": identity, "required": required}
     if none is not None:
         meta["none"] = none
+    if choices is not None:
+        meta["choices"] = tuple(choices)
     return dataclasses.field(metadata=meta)
 
 

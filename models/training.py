@@ -30,14 +30,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from models.metrics import binary_metrics
-from data_tools.augment import augment_and_preprocess, preprocess, preset
+from data_tools.augment import PRESETS, augment_and_preprocess, preprocess, preset
 from data_tools.batches import CropPool, concat_pools, iterate_batches, pool_from_store
 from data_tools.constants import ATYPICAL, NORMAL
 from data_tools.folds import balance_count
 from data_tools.provenance import check_synthetic_for_fold
 from data_tools.params import identity_fields, param
 from data_tools.store import Store
-from models.backbones import BackboneSpec, resolve_backbone
+from models.backbones import REGISTRY, BackboneSpec, resolve_backbone
 from models.checkpoint import resolve_device, save_checkpoint
 from models.classifier import build_classifier, predict_logits
 
@@ -48,7 +48,8 @@ STATE, BEST, BEST_PREDICTIONS = "state.pt", "best", "best_val_predictions.csv"
 class TrainConfig:
     """How one fold is trained. `train_cv`'s config extends this class, so the loop receives it."""
     backbone: str = param("convnext | lunit | lunit_s16 | a timm model name")
-    backbone_set: str = param("what the names mean: paper (the paper's networks) | demo (small members, 48 px)")
+    backbone_set: str = param("what the names mean: paper (the paper's networks) | demo (small members, 48 px)",
+                              choices=tuple(REGISTRY))
     epochs: int = param("epochs per fold")
     batch_size: int = param("training batch size")
     lr: float | None = param("learning rate (none: the backbone's default)")
@@ -58,7 +59,7 @@ class TrainConfig:
     device: str = param("auto | cpu | cuda", identity=False)
     n_synthetic: int | None = param("synthetic atypical crops per fold (balance: as many as balance the classes)",
                                      none="balance")
-    augment: str = param("paper | flips | none (data_tools.augment.PRESETS)")
+    augment: str = param("paper | flips | none (data_tools.augment.PRESETS)", choices=tuple(PRESETS))
 
     EVAL_BATCH_SIZE: ClassVar[int] = 128
     PREFETCH: ClassVar[int] = 2  # batches gathered ahead by a background thread

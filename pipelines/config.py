@@ -78,7 +78,11 @@ def build(cls: type[C], profile: str = "demo", **given: Any) -> C:
     if required:
         raise ValueError(f"{cls.STEP} needs " + " and ".join(f"--{n}" for n in required))
     types_ = typing.get_type_hints(cls)
-    return cls(**{n: _cast(merged[n], types_[n], f) for n, f in fields.items()})
+    values = {n: _cast(merged[n], types_[n], f) for n, f in fields.items()}
+    for n, f in fields.items():
+        if "choices" in f.metadata and values[n] not in f.metadata["choices"]:
+            raise ValueError(f"{n} must be one of {', '.join(f.metadata['choices'])}; got {values[n]!r}")
+    return cls(**values)
 
 
 def parser(cls: type[StepConfig], doc: str | None = None) -> argparse.ArgumentParser:

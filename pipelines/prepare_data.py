@@ -15,6 +15,7 @@ import mlflow
 
 from analysis import keys
 from data_tools.grids import save_grids
+from data_tools.folds import SPLITS
 from data_tools.ingest import ADAPTERS, ingest
 from data_tools.params import param
 from pipelines.common import log_params, log_store, step_run
@@ -23,15 +24,16 @@ from pipelines.config import StepConfig, as_params, build, parser
 
 @dataclass
 class PrepareDataConfig(StepConfig):
-    source: str = param(f"one of {', '.join(sorted(ADAPTERS))}")
+    source: str = param(f"one of {', '.join(sorted(ADAPTERS))}", choices=tuple(sorted(ADAPTERS)))
     root: str = param("where the raw source lies (file or folder)")
     out: str = param("store folder to write (default stores/<source>)")
     folds: int = param("CV folds with split=group (0: no CV pool, e.g. a test set, whatever the split)")
-    split: str = param("group (folds grouped by slide, stratified by label) | lodo (one fold per value of split_by)")
+    split: str = param("group (folds grouped by slide, stratified by label) | lodo (one fold per value of split_by)",
+                       choices=SPLITS)
     split_by: str = param("lodo: the column whose values are the held-out domains (domain, or e.g. Scanner)")
     min_domain_size: int = param("lodo: domains with fewer labelled crops are merged into one fold (recorded)")
     seed: int = param("seed of the fold assignment (and of the demo crops)")
-    on_error: str = param("raise | skip (skipped items are listed in the run's skipped.csv)")
+    on_error: str = param("raise | skip (skipped items are listed in the run's skipped.csv)", choices=("raise", "skip"))
     size: int | None = param("demo only: number of crops")
 
     STEP = keys.PREPARE_DATA

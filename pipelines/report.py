@@ -251,7 +251,7 @@ def build_report(out: Path, experiment: str | None, test_set: str | None, select
 class ReportConfig(StepConfig):
     experiment: str = param("experiment name or id (default: the active one)")
     test_set: str = param("test set name (tag test_set of evaluate runs) when several exist")
-    select_by: str = param(f"submission criterion: one of {', '.join(CRITERIA)}")
+    select_by: str = param(f"submission criterion: one of {', '.join(CRITERIA)}", choices=CRITERIA)
     runs: str = param("comma-separated train_cv run ids (default: the latest finished per row)")
     n_boot: int = param("bootstrap resamples of the AUROC difference")
     register: bool = param("register the selected ensemble as the submission model")
@@ -265,8 +265,6 @@ CONFIG = ReportConfig
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = from_cli(ReportConfig, argv, __doc__)
-    if cfg.select_by not in CRITERIA:
-        raise SystemExit(f"report: select_by must be one of {CRITERIA}, got {cfg.select_by!r}")
     run_ids = [r.strip() for r in cfg.runs.split(",") if r.strip()] or None
     if cfg.experiment:
         try:

@@ -53,7 +53,7 @@ class SynthConfig(StepConfig):
     finetune_run_id: str = param("generator_finetune run (its fold runs are used)", required=True)
     n_atypical: str = param("atypical crops per fold: a number, or balance (the training split's normal - atypical)")
     n_normal: int = param("normal crops per fold (the paper kept none)")
-    sampler: str = param(" | ".join(SAMPLERS))
+    sampler: str = param(" | ".join(SAMPLERS), choices=SAMPLERS)
     steps: int = param("sampler steps")
     guidance: float = param("classifier-free guidance scale")
     seed: int = param("crop i of fold k has seed seed + 1,000,000 k + i")

@@ -41,7 +41,7 @@ from pipelines.joining import open_parent
 @dataclass
 class TrainCVConfig(StepConfig, TrainConfig):
     data: str = param("real store folder (made by prepare_data); its digest identifies the data", identity=False)
-    regime: str = param("real_only | synth_balanced")
+    regime: str = param("real_only | synth_balanced", choices=keys.REGIMES)
     synth_run_id: str = param("synthesize run whose fold k store is added to fold k's training split (synth_balanced)")
     folds: str = param("all, or a list such as 1,3 (jobs with other folds join the same parent)", identity=False)
     workroot: str = param("local folder for the resumable fold state", identity=False)
@@ -75,7 +75,7 @@ def synthetic_stores(cfg: TrainCVConfig, real: Store, folds: list[int]) -> dict[
         if not path:
             raise ValueError(f"synthesize run {cfg.synth_run_id} has no store for fold {k} "
                              f"(param {keys.synth_store_param(k)}); it made folds "
-                             f"{sorted(p for p in params if p.startswith('store_fold'))}")
+                             f"{sorted(p for p in params if p.startswith(keys.synth_store_param('')))}")
         stores[k] = open_store(path)
         check_synthetic_for_fold(stores[k], real, k)
     return stores

@@ -100,3 +100,9 @@ def test_report_register_maybe_is_an_error_naming_the_words(capsys):
     with pytest.raises(SystemExit):
         report.main(["--register", "maybe"])
     assert "register must be one of true, yes, on, 1, false, no, off, 0; got 'maybe'" in capsys.readouterr().err
+
+
+def test_a_value_outside_a_fields_choices_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        from_cli(TrainCVConfig, ["--regime", "synth"])
+    assert "regime must be one of real_only, synth_balanced; got 'synth'" in capsys.readouterr().err
