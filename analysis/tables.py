@@ -18,8 +18,8 @@ from analysis.queries import EvalRun, TrainRow
 
 BACKBONE_NAMES = {"convnext": "ConvNeXt-Small", "lunit": "Lunit SSL"}
 # backbone_set=demo: the small members of the same families (models.backbones.DEMO), named for what ran
-DEMO_BACKBONE_NAMES = {"convnext": "ConvNeXt-Atto-shaped (demo)", "lunit": "ViT-Tiny-width/8 (demo)",
-                       "lunit_s16": "ViT-Tiny-width/16 (demo)"}
+DEMO_BACKBONE_NAMES = {"convnext": "demo ConvNeXt-Atto-shaped", "lunit": "demo ViT-Tiny-width/8",
+                       "lunit_s16": "demo ViT-Tiny-width/16"}
 REGIME_NAMES = {keys.REAL_ONLY: "real", keys.SYNTH_BALANCED: "real+synth"}
 TABLE2_COLUMNS = {"auroc": "AUROC", "accuracy": "Accuracy", "sensitivity": "Sensitivity",
                   "specificity": "Specificity", "ba": "Bal. Acc."}

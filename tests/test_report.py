@@ -228,5 +228,5 @@ def test_missing_pieces_are_reported_not_fatal(tracking, capsys):
 def test_rows_are_named_for_what_trained():
     from analysis.tables import row_label
     assert row_label("convnext", "real_only") == "ConvNeXt-Small (real)"
-    assert row_label("convnext", "real_only", backbone_set="demo") == "ConvNeXt-Atto-shaped (demo) (real)"
-    assert row_label("lunit", "synth_balanced", "lodo", "demo") == "ViT-Tiny-width/8 (demo) (real+synth) [LODO]"
+    assert row_label("convnext", "real_only", backbone_set="demo") == "demo ConvNeXt-Atto-shaped (real)"
+    assert row_label("lunit", "synth_balanced", "lodo", "demo") == "demo ViT-Tiny-width/8 (real+synth) [LODO]"
