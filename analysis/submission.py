@@ -243,9 +243,25 @@ def platform_entries(prob: np.ndarray, cls: list[str]) -> list[dict]:
     return [{"class": c, "confidence": float(p)} for p, c in zip(np.asarray(prob, dtype=np.float64), cls)]
 
 
-def write_predictions(path: str | Path, ids: list[str], prob: np.ndarray, cls: list[str]) -> Path:
-    """`*.csv`: id, probability, class; anything else: the platform JSON. Written atomically."""
+OUTPUT_SUFFIXES = (".json", ".csv")
+
+
+def check_output(path: str | Path) -> Path:
+    """Refuse, before any work, an output that cannot be written: another format, a folder, no write access."""
     path = Path(path)
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ValueError(f"{path}: the output must end in .json (the platform's format) or .csv")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; give a file name ending in .json or .csv")
+    parent = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{path}: {parent} is not writable")
+    return path
+
+
+def write_predictions(path: str | Path, ids: list[str], prob: np.ndarray, cls: list[str]) -> Path:
+    """`*.csv`: id, probability, class; `*.json`: the platform JSON. Written atomically."""
+    path = check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     if path.suffix.lower() == ".csv":

@@ -16,7 +16,7 @@ from data_tools.store import Store, write_store
 __all__ = ["ADAPTERS", "AdapterError", "Ingested", "adapter_options", "ingest"]
 
 
-def _demo(root: str | None, on_error: str, size: int = 3000, seed: int = 0, **_) -> Ingested:
+def _demo(root: str | None, on_error: str, *, size: int = 3000, seed: int = 0) -> Ingested:
     from data_tools.demo import make_demo
     images, index = make_demo(n=int(size), seed=int(seed))
     return Ingested(images, index, provenance={"generator": "data_tools.demo", "n": int(size), "seed": int(seed)})
@@ -51,6 +51,15 @@ def _check_options(source: str, options: dict) -> None:
         raise ValueError(f"source {source!r} has no option {unknown}; its options: {adapter_options(source)}")
 
 
+def _nothing_left(source: str, root: str | None, skipped: pd.DataFrame) -> str:
+    """Why an ingest ends with no crop: an empty source, or every row skipped (with the commonest reasons)."""
+    if not len(skipped):
+        return f"source {source!r} at {root}: no crops found; an empty store is not written"
+    reasons = skipped["reason"].astype(str).value_counts().head(3)
+    return (f"source {source!r} at {root}: all {len(skipped)} rows were skipped, an empty store is not written; "
+            "reasons: " + "; ".join(f"{n} x {r}" for r, n in reasons.items()))
+
+
 def ingest(source: str, root: str | None, out: str | Path, *, folds: int = 5, seed: int = 0,
            on_error: str = "raise", name: str | None = None, split: str = "group", split_by: str = "domain",
            min_domain_size: int = 0, **options) -> tuple[Store, pd.DataFrame]:
@@ -75,6 +84,8 @@ def ingest(source: str, root: str | None, out: str | Path, *, folds: int = 5, se
         if "scratch" in inspect.signature(adapter).parameters:
             options["scratch"] = Path(scratch)
         got = adapter(root, on_error, seed=seed, **options)
+        if len(got.index) == 0:
+            raise AdapterError(_nothing_left(source, root, got.skipped))
         index, spec = assign_folds(got.index, int(folds), int(seed), split, split_by, int(min_domain_size))
         provenance = {"source": source, "root": str(Path(root).resolve()) if root else None, **got.provenance,
                       "n_skipped": int(len(got.skipped))}

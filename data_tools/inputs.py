@@ -133,6 +133,12 @@ def load_inputs(path: str | Path, size: int | None = CROP_SIZE) -> Crops:
         raise InputError(f"{path}: not a .tif/.tiff stack; give a stack, a folder or a store")
     if not path.is_dir():
         raise InputError(f"{path}: input not found")
-    if any(p.suffix.lower() in STACK_SUFFIXES for p in path.iterdir()):
+    top = [p for p in path.iterdir() if p.is_file()]
+    if any(p.suffix.lower() in STACK_SUFFIXES for p in top):
+        others = sorted(p.name for p in top if p.suffix.lower() in IMAGE_SUFFIXES
+                        and p.suffix.lower() not in STACK_SUFFIXES)
+        if others:  # half an answer would be scored as a wrong one
+            raise InputError(f"{path}: holds platform stacks and {len(others)} crop image(s) (e.g. {others[:3]}); "
+                             f"give stacks and crops in separate folders")
         return load_stacks(find_stacks(path), size)
     return load_folder(path, size)

@@ -155,7 +155,7 @@ def _save_atomic(obj, path: Path) -> None:
 def _load_state(path: Path, fingerprint: str) -> dict | None:
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers: no pickle
     if state.get("fingerprint") != fingerprint:
         raise RuntimeError(f"{path} holds the state of a different training (fingerprint {state.get('fingerprint')} "
                            f"!= {fingerprint}); delete {path.parent} to start this one afresh")

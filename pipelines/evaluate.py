@@ -149,6 +149,8 @@ def _shown(metrics: dict[str, float], name: str) -> str:
 def run_evaluate(cfg: EvaluateConfig) -> str:
     """Evaluate and log; returns the evaluate run id."""
     test = open_store(cfg.test_data)
+    if len(test) == 0:
+        raise ValueError(f"test store {test.path} holds no crops: nothing to evaluate")
     train = runs.get_run(MlflowClient(), cfg.train_run_id, keys.TRAIN_CV)
     if runs.is_fold_run(train):
         raise ValueError(f"run {cfg.train_run_id} is a fold run; give its train_cv parent run")

@@ -1,8 +1,9 @@
 """predict: run the submission ensemble on platform stacks, a folder of crops, or a store.
 
 The container's command and a plain CLI (`python -m pipelines.predict --model ... --input
-... --output ...`). Output: `*.csv` -> id, probability, class; otherwise the platform JSON,
-a list with one {"class", "confidence"} per page in page order. Several stacks in the
+... --output ...`). Output: `*.csv` -> id, probability, class; `*.json` -> the platform JSON,
+a list with one {"class", "confidence"} per page in page order (any other name is refused
+before any work). Several stacks in the
 input folder (the platform mounts one per job) are concatenated in natural file-name
 order. Any bad input fails the whole call, naming the file, and writes no output: the
 platform scores a job all-or-nothing. Logs an MLflow run only under `mlflow run`.
@@ -18,7 +19,7 @@ from pathlib import Path
 import mlflow
 
 from analysis import keys
-from analysis.submission import export_model, load_predictor, write_predictions
+from analysis.submission import check_output, export_model, load_predictor, write_predictions
 from data_tools.images import ImageError
 from data_tools.inputs import InputError, load_inputs
 from data_tools.params import param
@@ -51,8 +52,9 @@ def main(argv: list[str] | None = None) -> Path | None:
         return path
     t0 = time.perf_counter()
     try:
+        check_output(cfg.output)
         crops = load_inputs(cfg.input)
-    except (InputError, ImageError, StoreError) as e:
+    except (InputError, ImageError, StoreError, ValueError) as e:
         raise SystemExit(f"predict: {e}") from None
     predictor = load_predictor(cfg.model, cfg.device, cfg.threshold)
     prob, cls = predictor.predict(crops.images, tta=cfg.tta, batch_size=cfg.batch_size)

@@ -16,7 +16,7 @@ import mlflow
 from analysis import keys
 from data_tools.grids import save_grids
 from data_tools.folds import SPLITS
-from data_tools.ingest import ADAPTERS, ingest
+from data_tools.ingest import ADAPTERS, adapter_options, ingest
 from data_tools.params import param
 from pipelines.common import log_params, log_store, step_run
 from pipelines.config import StepConfig, as_params, build, parser
@@ -53,8 +53,16 @@ def main(argv: list[str] | None = None):
     out = Path(cfg.out or f"stores/{cfg.source}")
     options = {"size": cfg.size} if cfg.source == "demo" and cfg.size else {}
     options.update(_extra_options(p, extra))
-    store, skipped = ingest(cfg.source, cfg.root or None, out, folds=cfg.folds, seed=cfg.seed, on_error=cfg.on_error,
-                            split=cfg.split, split_by=cfg.split_by, min_domain_size=cfg.min_domain_size, **options)
+    unknown = sorted(set(options) - set(adapter_options(cfg.source)))
+    if unknown:  # a misspelt option would silently change nothing
+        p.error(f"source {cfg.source!r} has no option(s) {unknown}; its options: "
+                f"{', '.join(adapter_options(cfg.source)) or 'none'}")
+    try:
+        store, skipped = ingest(cfg.source, cfg.root or None, out, folds=cfg.folds, seed=cfg.seed,
+                                on_error=cfg.on_error, split=cfg.split, split_by=cfg.split_by,
+                                min_domain_size=cfg.min_domain_size, **options)
+    except ValueError as e:  # a bad source, file, row or split (AdapterError, ImageError, FoldError, ...)
+        raise SystemExit(f"prepare_data: {e}") from None
     with step_run(keys.PREPARE_DATA, cfg.profile, run_name=f"prepare {store.name}"):
         log_params({**as_params(cfg), "out": str(out), **options})
         log_store(store, "training")
