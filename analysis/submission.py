@@ -1,9 +1,10 @@
 """The submission: pick a row by a criterion, log its fold ensemble as an MLflow pyfunc model,
 register it and give it the `submission` alias.
 
-The pyfunc model carries the fold checkpoints (model.safetensors + config.json each) as
-artifacts and this project's library code, so `mlflow models serve` and the container
-need nothing else. Its REST input is a DataFrame with one crop per row, either as a
+The pyfunc model is logged from code (`analysis/pyfunc_model.py`: loading it runs that file and
+unpickles nothing) with an input example and a signature; it carries the fold checkpoints
+(model.safetensors + config.json each) as artifacts and this project's library code, so
+`mlflow models serve` and the container need nothing else. Its REST input is a DataFrame with one crop per row, either as a
 base64-encoded image (column `image`: PNG, JPEG or TIFF bytes of an RGB crop) or as a
 path the server can read (column `path`); the output has, per crop, `probability` (of
 atypical) and `class` ("atypical" when probability >= the model's threshold, else
@@ -16,6 +17,7 @@ import os
 import re
 import tempfile
 import tomllib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +154,12 @@ def download_checkpoints(row: TrainRow, dst: str | Path) -> dict[str, str]:
         raise SelectionError(f"{row.name}: {e}") from None
 
 
+def input_example() -> pd.DataFrame:
+    """One mid-grey 128x128 crop as the REST input shows it (a base64 PNG in column `image`)."""
+    from data_tools.images import CROP_SIZE, encode_png_base64
+    return pd.DataFrame({IMAGE_COLUMN: [encode_png_base64(np.full((CROP_SIZE, CROP_SIZE, 3), 128, np.uint8))]})
+
+
 def log_ensemble_model(row: TrainRow, threshold: float, *, registered_name: str = keys.MODEL_NAME,
                        alias: str | None = keys.SUBMISSION_ALIAS, extra_config: dict | None = None,
                        check_load: bool = True) -> ModelVersion:
@@ -163,13 +171,17 @@ def log_ensemble_model(row: TrainRow, threshold: float, *, registered_name: str 
     # "device" is listed so that loaders may override it (MLflow only overrides logged keys)
     config = {"threshold": float(threshold), "device": "auto", "train_run_id": row.run_id, "backbone": row.backbone,
               "regime": row.regime, **(extra_config or {})}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # MLflow's own handling of the input example trips a pandas deprecation inside mlflow.models.utils:
+        # harmless for this DataFrame, and nothing a user of the report can act on
+        warnings.filterwarnings("ignore", message="Operation with range is deprecated")
         artifacts = download_checkpoints(row, tmp)
         if check_load:
             from models.ensemble import FoldEnsemble
             FoldEnsemble.from_dirs([artifacts[k] for k in sorted(artifacts, key=_fold_number)], device="cpu")
         info = mlflow.pyfunc.log_model(
-            name=keys.SUBMISSION_ARTIFACT, python_model=EnsemblePyfunc(), artifacts=artifacts, model_config=config,
+            name=keys.SUBMISSION_ARTIFACT, python_model=str(ROOT / "analysis" / "pyfunc_model.py"),
+            artifacts=artifacts, model_config=config, input_example=input_example(),
             code_paths=[str(ROOT / pkg) for pkg in ("analysis", "models", "data_tools")],
             signature=SIGNATURE, pip_requirements=_requirements(), registered_model_name=registered_name,
             metadata={"train_run_id": row.run_id, "threshold": float(threshold)})

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -46,6 +47,12 @@ def test_registered_ensemble_serves_predictions_over_http(tracking, tiny_train_r
     version = MlflowClient().get_model_version_by_alias(keys.MODEL_NAME, keys.SUBMISSION_ALIAS)
     assert version.version == summary["registered"]["version"]
     assert version.tags["train_run_id"] == tiny_train_run and float(version.tags["threshold"]) == threshold
+    # logged from code with an input example: no pickled Python object in the model folder
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{keys.MODEL_NAME}@{keys.SUBMISSION_ALIAS}",
+                                                         dst_path=str(tmp_path / "model")))
+    files = {p.name for p in model_dir.rglob("*")}
+    assert {"pyfunc_model.py", "input_example.json"} <= files, files
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
 
     port = free_port()
     # the scoring server execs `uvicorn` from PATH: the venv's bin, as in an activated environment
