@@ -1,7 +1,6 @@
 """Bad input gives a clear one-line error before any work, never a partial answer: a folder that
 mixes stacks and crops, an output that cannot be written, an option a source does not know, an
 ingest that would leave an empty store, an empty test store."""
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
