@@ -5,6 +5,7 @@ import threading
 import time
 
 import mlflow
+import pytest
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
@@ -18,7 +19,13 @@ def _open(key: str, out: dict, name: str) -> None:
     out[name] = joining.open_parent(KEY_TAG, key, "job", {keys.STEP: keys.TRAIN_CV})
 
 
-def test_a_second_job_joins_the_parent_of_the_first(tracking):
+@pytest.fixture
+def quick_settle(monkeypatch):
+    """A shorter settle time where no run commits late (the race test below keeps the real one)."""
+    monkeypatch.setattr(joining, "PARENT_SETTLE_S", 0.5)
+
+
+def test_a_second_job_joins_the_parent_of_the_first(tracking, quick_settle):
     first = joining.open_parent(KEY_TAG, "k1", "a / b", {keys.STEP: keys.TRAIN_CV})
     assert joining.open_parent(KEY_TAG, "k1", "a / b", {keys.STEP: keys.TRAIN_CV}) == first
     assert joining.open_parent(KEY_TAG, "other", "a / b", {keys.STEP: keys.TRAIN_CV}) != first
@@ -26,7 +33,7 @@ def test_a_second_job_joins_the_parent_of_the_first(tracking):
     assert run.data.tags[KEY_TAG] == "k1" and run.info.run_name == "a / b"
 
 
-def test_two_jobs_that_start_together_keep_one_parent(tracking):
+def test_two_jobs_that_start_together_keep_one_parent(tracking, quick_settle):
     chosen: dict[str, str] = {}
     jobs = [threading.Thread(target=_open, args=("k2", chosen, n)) for n in ("a", "b")]
     for job in jobs:
