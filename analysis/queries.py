@@ -92,10 +92,6 @@ class EvalRun:
         return runs.run_threshold(self.run)
 
 
-def _is_train_parent(run: Run) -> bool:
-    return keys.FOLD not in run.data.tags
-
-
 def _row_key(run: Run) -> tuple[str, str]:
     p, t = run.data.params, run.data.tags
     return p.get(keys.P_BACKBONE) or t.get(keys.BACKBONE, "?"), p.get(keys.P_REGIME) or t.get(keys.REGIME, "?")
@@ -112,8 +108,9 @@ def row_order(key: tuple[str, str]) -> tuple:
 def load_row(client: MlflowClient, run: Run) -> TrainRow:
     """A TrainRow for a train_cv parent run, with its fold runs (runs.fold_runs: the newest finished per fold)."""
     backbone, regime = _row_key(run)
-    row = TrainRow(backbone, regime, run, fold_runs=runs.fold_runs(client, run.info.run_id))
-    row.seen_folds = set(row.fold_metric("auroc")) | set(runs.fold_attempts(client, run.info.run_id))
+    attempts = runs.fold_attempts(client, run.info.run_id)
+    row = TrainRow(backbone, regime, run, fold_runs=runs.newest_finished(attempts))
+    row.seen_folds = set(row.fold_metric("auroc")) | set(attempts)
     return row
 
 
@@ -151,7 +148,7 @@ def _named_parents(client: MlflowClient, run_ids: list[str], problems: list[str]
         except runs.RunLookupError as e:
             problems.append(f"train_cv {e}")
             continue
-        if run.data.tags.get(keys.STEP) != keys.TRAIN_CV or not _is_train_parent(run):
+        if run.data.tags.get(keys.STEP) != keys.TRAIN_CV or runs.is_fold_run(run):
             problems.append(f"run {rid}: not a train_cv parent run (tag step={run.data.tags.get(keys.STEP)!r})")
         elif run.info.status != FINISHED:
             problems.append(f"train_cv run {rid}: status {run.info.status}, not FINISHED")
@@ -164,7 +161,7 @@ def _latest_parents(client: MlflowClient, exp_ids: list[str], problems: list[str
     """The latest finished train_cv parent run per (backbone, regime), tune's trials aside."""
     tune_ids = {r.info.run_id for r in runs.step_runs(client, exp_ids, keys.TUNE, finished_only=False)}
     all_runs = [r for r in runs.step_runs(client, exp_ids, keys.TRAIN_CV, finished_only=False)
-                if _is_train_parent(r) and r.data.tags.get(keys.PARENT_RUN) not in tune_ids]
+                if not runs.is_fold_run(r) and r.data.tags.get(keys.PARENT_RUN) not in tune_ids]
     if not all_runs:
         problems.append(f"no train_cv runs in experiment(s) {exp_ids}")
     by_key: dict[tuple[str, str, str], list[Run]] = {}

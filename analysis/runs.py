@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from pathlib import Path
 
@@ -101,10 +100,14 @@ def fold_attempts(client: MlflowClient, parent_id: str) -> dict[int, list[Run]]:
     return dict(sorted(out.items()))
 
 
-def fold_runs(client: MlflowClient, parent_id: str) -> dict[int, Run]:
-    """{k: the newest FINISHED fold run for fold k}: the one rule every consumer uses."""
-    attempts = fold_attempts(client, parent_id)
+def newest_finished(attempts: dict[int, list[Run]]) -> dict[int, Run]:
+    """{k: the newest FINISHED run among fold k's attempts (newest first)}: the one rule."""
     return {k: done[0] for k, runs in attempts.items() if (done := [r for r in runs if r.info.status == FINISHED])}
+
+
+def fold_runs(client: MlflowClient, parent_id: str) -> dict[int, Run]:
+    """{k: the newest FINISHED fold run for fold k}: what every consumer uses."""
+    return newest_finished(fold_attempts(client, parent_id))
 
 
 def expected_folds(parent: Run, seen: set[int] | None = None) -> list[int]:
@@ -118,8 +121,9 @@ def expected_folds(parent: Run, seen: set[int] | None = None) -> list[int]:
 def complete_fold_runs(client: MlflowClient, parent_id: str) -> dict[int, Run]:
     """The parent's fold runs, one finished run for each expected fold, or an error naming the missing."""
     parent = client.get_run(parent_id)
-    found = fold_runs(client, parent_id)
-    expected = expected_folds(parent, set(fold_attempts(client, parent_id)))
+    attempts = fold_attempts(client, parent_id)
+    found = newest_finished(attempts)
+    expected = expected_folds(parent, set(attempts))
     missing = [k for k in expected if k not in found]
     if missing or not found:
         raise RunLookupError(f"run {parent_id} ({parent.data.tags.get(keys.STEP, '?')}) has no finished fold run for "
@@ -204,4 +208,5 @@ def latest_threshold(train_run_id: str) -> float | None:
 
 
 def is_fold_run(run: Run) -> bool:
-    return bool(re.fullmatch(r"\d+", run.data.tags.get(keys.FOLD, "")))
+    """A nested fold run (tag `fold`), not a parent."""
+    return keys.FOLD in run.data.tags

@@ -23,6 +23,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from analysis import keys
+from analysis.runs import is_fold_run
 
 PARENT_SETTLE_S = 3.0
 
@@ -34,8 +35,8 @@ def _experiment_id() -> str:
 
 def parents_with_key(client: MlflowClient, experiment_id: str, key_tag: str, key: str) -> list[Run]:
     """Runs tagged with this key that are not fold runs, oldest first."""
-    runs = client.search_runs([experiment_id], f"tags.`{key_tag}` = '{key}'", max_results=1000)
-    return sorted((r for r in runs if keys.FOLD not in r.data.tags), key=lambda r: (r.info.start_time, r.info.run_id))
+    found = client.search_runs([experiment_id], f"tags.`{key_tag}` = '{key}'", max_results=1000)
+    return sorted((r for r in found if not is_fold_run(r)), key=lambda r: (r.info.start_time, r.info.run_id))
 
 
 def settled_oldest_parent(client: MlflowClient, experiment_id: str, key_tag: str, key: str,

@@ -125,7 +125,7 @@ def domain_sections(rows: list[TrainRow], report: Report) -> None:
 def domain_gap_figure(grouped: list[TrainRow], held_out: list[TrainRow], report: Report) -> None:
     """Per (backbone, regime) with both protocols: slide-grouped CV vs leave-one-domain-out AUROC."""
     by_key = {r.key: r for r in grouped}
-    gaps = {label(by_key[r.key]).removesuffix(" [LODO]"): (
+    gaps = {label(by_key[r.key]): (
         [v * 100 for v in by_key[r.key].fold_metric("auroc").values()], [v * 100 for v in r.fold_metric("auroc").values()])
         for r in held_out if r.key in by_key}
     if gaps:

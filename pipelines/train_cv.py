@@ -60,8 +60,6 @@ def synthetic_stores(cfg: TrainCVConfig, real: Store, folds: list[int]) -> dict[
     """Fold k's synthetic store from the `synthesize` run, checked against fold k before any training."""
     from data_tools.provenance import check_synthetic_for_fold
 
-    if cfg.regime not in keys.REGIMES:
-        raise ValueError(f"regime must be one of {keys.REGIMES}, got {cfg.regime!r}")
     if cfg.regime == keys.REAL_ONLY:
         if cfg.synth_run_id:
             raise ValueError("synth_run_id is only used with regime=synth_balanced")

@@ -11,7 +11,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 def shared_data(*parts: str) -> Path:
-    """Path into ../shared/data, skipping the test cleanly where the real data is absent."""
+    """Path into the real data beside the clone (CI has it), skipping the test cleanly where it is absent."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
         pytest.skip(f"real data not present at {path}")

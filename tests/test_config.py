@@ -30,6 +30,14 @@ def test_every_profile_value_is_a_field_and_every_field_has_a_value(profile):
         assert cfg.profile == profile
 
 
+def test_the_domain_profile_builds_every_step():
+    profile = str(ROOT / "profiles" / "domain.yaml")
+    for step in STEPS:
+        cls = config_class(step)
+        build(cls, profile, **{f.name: "x" for f in dataclasses.fields(cls) if f.metadata.get("required")})
+    assert (build(config_class(keys.PREPARE_DATA), profile).split, build(TrainCVConfig, profile).epochs) == ("lodo", 4)
+
+
 def test_the_command_line_is_the_config():
     cfg = from_cli(TrainCVConfig, ["--profile", "paper", "--epochs", "3", "--lr", "1e-3", "--n_synthetic", "balance",
                                    "--restart_epochs", "2"])

@@ -1,4 +1,4 @@
-"""The adapters on the real public data in ../shared/data (each test skips where it is absent)."""
+"""The adapters on the real public data beside the clone (each test skips where it is absent)."""
 from __future__ import annotations
 
 import shutil
