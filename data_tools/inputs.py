@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import tifffile
 
-from data_tools.images import CROP_SIZE, IMAGE_SUFFIXES, ImageError, as_rgb, load_crop
+from data_tools.images import CROP_SIZE, IMAGE_SUFFIXES, TIFF_SUFFIXES, ImageError, load_crop, read_tiff
 from data_tools.store import MANIFEST, open_store
 
 PLATFORM_INPUT = "/input/images/stacked-histopathology-roi-cropouts"
 PLATFORM_OUTPUT = "/output/multiple-mitotic-figure-classification.json"
-STACK_SUFFIXES = (".tif", ".tiff")
+STACK_SUFFIXES = TIFF_SUFFIXES
 
 
 class InputError(ValueError):
@@ -46,28 +45,12 @@ def natural_key(path: Path | str) -> list:
 
 
 def read_stack(path: str | Path, size: int | None = CROP_SIZE) -> np.ndarray:
-    """All pages of a platform stack as uint8 RGB [P, size, size, 3], in page order."""
-    path = Path(path)
+    """All pages of a platform stack as uint8 RGB [P, size, size, 3], in page order (checked
+    complete: a truncated stack is an error, never fewer answers)."""
     try:
-        with tifffile.TiffFile(path) as tif:
-            pages = []
-            for i, page in enumerate(tif.pages):
-                try:
-                    array = page.asarray()
-                except Exception as e:  # noqa: BLE001 - any decoder failure is an unreadable page
-                    raise InputError(f"{path}: page {i} cannot be decoded ({e})") from None
-                try:
-                    pages.append(as_rgb(array, f"{path} page {i}", size))
-                except ImageError as e:
-                    raise InputError(str(e)) from None
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
-    except InputError:
-        raise
-    except Exception as e:  # noqa: BLE001 - tifffile raises many types for a broken file
-        raise InputError(f"{path}: not a readable TIFF ({type(e).__name__}: {e})") from None
-    if not pages:
-        raise InputError(f"{path}: not a readable TIFF (no page could be read: broken or empty file)")
+        pages = read_tiff(Path(path), str(path), size)
+    except ImageError as e:
+        raise InputError(str(e)) from None
     if len({p.shape for p in pages}) > 1:
         raise InputError(f"{path}: pages differ in size {sorted({p.shape for p in pages})}")
     return np.stack(pages)

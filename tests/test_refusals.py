@@ -8,6 +8,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from conftest import shared_data
 from data_tools.adapters.base import AdapterError
 from data_tools.ingest import ingest
 from data_tools.inputs import InputError, load_inputs
@@ -75,3 +76,72 @@ def test_evaluate_refuses_an_empty_test_store(tmp_path):
     empty = write_store(tmp_path / "empty", np.zeros((0, 128, 128, 3), np.uint8), index, name="empty", adapter="t")
     with pytest.raises(ValueError, match="holds no crops"):
         run_evaluate(build(EvaluateConfig, "demo", train_run_id="0" * 32, test_data=str(empty.path)))
+
+
+def _stack_bytes(tmp_path, pages: np.ndarray, **kw) -> bytes:
+    tifffile.imwrite(tmp_path / "whole.tiff", pages, photometric="rgb", **kw)
+    return (tmp_path / "whole.tiff").read_bytes()
+
+
+@pytest.mark.parametrize("kept", [0.1, 0.33, 0.5, 0.9, 0.999])
+def test_a_truncated_stack_is_an_error_naming_file_and_page_not_fewer_answers(tmp_path, kept):
+    (tmp_path / "in").mkdir()
+    whole = _stack_bytes(tmp_path, _crops(16), metadata=None)  # no page count in it, like the platform's
+    cut = tmp_path / "in" / "stack_1.tiff"
+    cut.write_bytes(whole[:int(len(whole) * kept)])
+    with pytest.raises(InputError, match=r"stack_1.tiff.*truncated or corrupt TIFF.*page \d+"):
+        load_inputs(tmp_path / "in")
+    with pytest.raises(SystemExit, match=r"stack_1.tiff.*truncated"):
+        prepare_data.main(["--source", "gc_stack", "--root", str(cut), "--folds", "0", "--out", str(tmp_path / "s")])
+    assert not (tmp_path / "s").exists()
+
+
+def test_the_real_platform_stack_cut_anywhere_is_refused(tmp_path):
+    whole = shared_data("gc_interface", "stack_5.tiff").read_bytes()
+    cut = tmp_path / "stack_5.tiff"
+    for end in range(1000, len(whole) - 100, 48_611):  # 15 cuts over the file, between and inside pages
+        cut.write_bytes(whole[:end])
+        with pytest.raises(InputError, match="stack_5.tiff"):
+            load_inputs(cut)
+
+
+def test_a_page_count_promised_by_the_metadata_is_checked(tmp_path):
+    whole = _stack_bytes(tmp_path, _crops(6))  # tifffile records shape [6, 128, 128, 3]
+    with tifffile.TiffFile(tmp_path / "whole.tiff") as tif:
+        first_page_end = tif.pages[1].offset  # keep page 0 whole, then end the chain after it
+    data = bytearray(whole[:first_page_end])
+    with tifffile.TiffFile(tmp_path / "whole.tiff") as tif:
+        at = tif.pages[0].offset + 2 + len(tif.pages[0].tags) * 12
+    data[at:at + 4] = b"\0\0\0\0"  # a well-formed one-page file whose metadata says 6
+    (tmp_path / "one.tiff").write_bytes(bytes(data))
+    with pytest.raises(InputError, match="metadata promises 6 pages, the file holds 1"):
+        load_inputs(tmp_path / "one.tiff")
+
+
+def test_planar_rgb_pages_read_as_the_same_crops(tmp_path):
+    crops = _crops(3)
+    tifffile.imwrite(tmp_path / "planar.tiff", np.moveaxis(crops, -1, 1), photometric="rgb", planarconfig="separate")
+    assert np.array_equal(load_inputs(tmp_path / "planar.tiff").images, crops)
+
+
+def test_16_bit_crops_are_refused_the_same_way_by_ingest_and_predict(tmp_path):
+    """Pillow reads 16-bit RGB PNGs and TIFFs as 8 bits without a word; both readers refuse them."""
+    import imagecodecs
+    deep = _crops(1)[0].astype(np.uint16) * 257
+    root = tmp_path / "raw"
+    for cls in ("Atypical", "Normal"):
+        (root / cls).mkdir(parents=True)
+        Image.fromarray(_crops(1)[0]).save(root / cls / f"ok_{cls}.png")
+    (root / "Normal" / "deep_png.png").write_bytes(imagecodecs.png_encode(deep))
+    tifffile.imwrite(root / "Normal" / "deep_tiff.tiff", deep, photometric="rgb")
+    store, skipped = ingest("folder", str(root), tmp_path / "s", folds=0, on_error="skip")
+    assert len(store) == 2 and len(skipped) == 2 and skipped["reason"].str.contains("16-bit image, expected 8-bit").all()
+    for name in ("deep_png.png", "deep_tiff.tiff"):
+        (tmp_path / "crops").mkdir(exist_ok=True)
+        (tmp_path / "crops" / name).write_bytes((root / "Normal" / name).read_bytes())
+        with pytest.raises(InputError, match=f"{name}.*16-bit image"):
+            load_inputs(tmp_path / "crops")
+        (tmp_path / "crops" / name).unlink()
+    tifffile.imwrite(tmp_path / "deep_stack.tiff", np.stack([deep, deep]), photometric="rgb")
+    with pytest.raises(InputError, match="deep_stack.tiff page 0: 16-bit image"):
+        load_inputs(tmp_path / "deep_stack.tiff")
