@@ -22,12 +22,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from analysis import keys
+from data_tools.errors import UserError
 from data_tools.folds import parse_fold_list
 
 FINISHED = "FINISHED"
 
 
-class RunLookupError(LookupError):
+class RunLookupError(UserError, LookupError):
     """The runs lack what was asked for: no such run, a missing fold, a missing artifact."""
 
 

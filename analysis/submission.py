@@ -32,6 +32,7 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from analysis import keys, runs
 from analysis.queries import EvalRun, TrainRow, missing_fold_runs
 from data_tools.constants import ATYPICAL, LABEL_NAMES, NORMAL
+from data_tools.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_THRESHOLD = 0.5
@@ -46,7 +47,11 @@ SIGNATURE = ModelSignature(
 )
 
 
-class SelectionError(LookupError):
+class OutputError(UserError, ValueError):
+    """The predictions cannot be written where asked (format, folder, permissions)."""
+
+
+class SelectionError(UserError, LookupError):
     """No row has what the criterion needs."""
 
 
@@ -262,12 +267,12 @@ def check_output(path: str | Path) -> Path:
     """Refuse, before any work, an output that cannot be written: another format, a folder, no write access."""
     path = Path(path)
     if path.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise ValueError(f"{path}: the output must end in .json (the platform's format) or .csv")
+        raise OutputError(f"{path}: the output must end in .json (the platform's format) or .csv")
     if path.is_dir():
-        raise ValueError(f"{path}: is a folder; give a file name ending in .json or .csv")
+        raise OutputError(f"{path}: is a folder; give a file name ending in .json or .csv")
     parent = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
     if not os.access(parent, os.W_OK):
-        raise ValueError(f"{path}: {parent} is not writable")
+        raise OutputError(f"{path}: {parent} is not writable")
     return path
 
 

@@ -12,9 +12,10 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from data_tools.constants import ATYPICAL, NORMAL, NOT_IN_CV
+from data_tools.errors import UserError
 
 
-class FoldError(ValueError):
+class FoldError(UserError, ValueError):
     """The requested folds cannot be built from this data."""
 
 

@@ -26,6 +26,8 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
+from data_tools.errors import UserError
+
 CROP_SIZE = 128  # pixels; the MIDOG 2025 Track 2 crop size
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -34,7 +36,7 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and Bi
 _TIFF_COLOUR = {tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR}  # YCbCr (JPEG) decodes to RGB
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """One image cannot enter a store; the message names the file (and page)."""
 
     def __init__(self, where: str, reason: str | None = None):
@@ -119,7 +121,7 @@ def _check_complete(tif: tifffile.TiffFile, where: str) -> None:
     fh, end = tif.filehandle, tif.filehandle.size
     n = len(tif.pages)
     if n == 0:
-        raise ImageError(where, "TIFF without pages (empty or broken file)")
+        raise ImageError(where, "not a readable TIFF (no page: an empty or broken file)")
     fh.seek(tif.pages.next_page_offset)
     raw = fh.read(tif.tiff.offsetsize)
     following = struct.unpack(tif.tiff.offsetformat, raw)[0] if len(raw) == tif.tiff.offsetsize else None

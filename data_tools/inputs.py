@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.errors import UserError
 from data_tools.images import CROP_SIZE, IMAGE_SUFFIXES, TIFF_SUFFIXES, ImageError, load_crop, read_tiff
 from data_tools.store import MANIFEST, open_store
 
@@ -22,7 +23,7 @@ PLATFORM_OUTPUT = "/output/multiple-mitotic-figure-classification.json"
 STACK_SUFFIXES = TIFF_SUFFIXES
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """An input cannot be predicted on; the message names the file (and page)."""
 
 

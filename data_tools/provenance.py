@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Iterable
 
+from data_tools.errors import UserError
 from data_tools.store import Store
 
 
-class LeakageError(ValueError):
+class LeakageError(UserError, ValueError):
     """A synthetic store cannot be used for this fold without leaking validation data."""
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,15 +17,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from data_tools.atomic import replace_dir
+from data_tools.atomic import replace_dir, staging_dir
 from data_tools.constants import ATYPICAL, NORMAL, UNLABELLED
+from data_tools.errors import UserError
 
 IMAGES, INDEX, MANIFEST = "images.npy", "index.parquet", "manifest.json"
 REQUIRED_COLUMNS = {"sample_id": str, "label": "int64", "domain": str, "group": str, "source": str, "fold": "int64"}
 VALID_LABELS = {ATYPICAL, NORMAL, UNLABELLED}
 
 
-class StoreError(ValueError):
+class StoreError(UserError, ValueError):
     """A store is missing, incomplete or breaks the contract."""
 
 
@@ -110,27 +109,10 @@ def write_store(out: str | Path, images: np.ndarray, index: pd.DataFrame, *, nam
         raise StoreError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
     index = validate_index(index, len(images))
     out = Path(out)
-    with StagingDir(out) as tmp:
+    with staging_dir(out) as tmp:
         np.save(tmp / IMAGES, images)
         index.to_parquet(tmp / INDEX, index=False)
         return _finish(tmp, out, name=name, adapter=adapter, provenance=provenance, split=split, extra=extra)
-
-
-class StagingDir:
-    """A temporary sibling of `out` that becomes `out` on commit; removed if anything fails."""
-
-    def __init__(self, out: Path):
-        self.out = Path(out)
-        self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
-
-    def __enter__(self) -> Path:
-        self.tmp.mkdir(parents=True)
-        return self.tmp
-
-    def __exit__(self, exc_type, *_):
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        return False
 
 
 def _finish(tmp: Path, out: Path, **meta) -> Store:
@@ -173,7 +155,7 @@ class StoreWriter:
         self.store: Store | None = None
 
     def __enter__(self) -> "StoreWriter":
-        self._staging = StagingDir(self.out)
+        self._staging = staging_dir(self.out)
         self.tmp = self._staging.__enter__()
         self._buf = np.lib.format.open_memmap(self.tmp / ".buffer.npy", mode="w+", dtype=np.uint8,
                                               shape=(max(self.capacity, 1), *self.size, 3))

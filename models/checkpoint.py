@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from data_tools.atomic import atomic_dir
+from data_tools.errors import UserError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -25,7 +26,7 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     return torch.device(name)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint folder is missing, incomplete, or does not fit its architecture."""
 
 

@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from data_tools.augment import preprocess
+from data_tools.errors import UserError
 from models.backbones import BackboneSpec
 
 log = logging.getLogger(__name__)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(UserError, RuntimeError):
     """Pretrained weights were asked for and could not be loaded."""
 
 

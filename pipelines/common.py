@@ -1,11 +1,14 @@
-"""What every step does the same way: its MLflow run, tags, dataset inputs and device."""
+"""What every step does the same way: its entry point's errors, its MLflow run, tags, dataset inputs."""
 from __future__ import annotations
 
 import contextlib
 import functools
 import hashlib
 import os
+import signal
 import subprocess
+import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -15,11 +18,13 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from analysis import keys
+from data_tools.errors import UserError
 from data_tools.params import parse_flag
 from data_tools.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
+DEBUG_ENV = "MITOCLASS_DEBUG"  # =1: user errors show their traceback too (as does --debug)
 # steps download many small artifacts (fold predictions, checkpoints): one bar each buries the output
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -37,11 +42,39 @@ def code_version() -> str:
         return "unknown"
 
 
+def cli_step(step: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Wrap a step's `main(argv)`: a `UserError` (bad file, row, option, run id...) ends in one
+    line `<step>: <what is wrong>` (exit code 1) instead of a traceback; `--debug` or
+    MITOCLASS_DEBUG=1 lets the traceback through. Any other exception is a bug: traceback."""
+    def wrap(main: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(main)
+        def run(argv: list[str] | None = None) -> T:
+            argv = list(sys.argv[1:] if argv is None else argv)
+            debug = "--debug" in argv or parse_flag(os.environ.get(DEBUG_ENV) or "false")
+            try:
+                return main([a for a in argv if a != "--debug"])
+            except UserError as e:
+                if debug:
+                    raise
+                raise SystemExit(f"{step}: {e}") from None
+        return run
+    return wrap
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler's cancel, `kill`) unwinds like an error: the step's run is marked
+    FAILED and its temporary folders are removed, instead of a run left RUNNING forever."""
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 @contextlib.contextmanager
 def step_run(step: str, profile: str, run_name: str | None = None, tags: dict[str, str] | None = None,
              nested: bool = False) -> Iterator[mlflow.ActiveRun]:
     """Start (or, under `mlflow run`, resume via MLFLOW_RUN_ID) the run of a step, tagged by contract."""
     all_tags = {keys.STEP: step, keys.PROFILE: profile, keys.CODE_VERSION: code_version(), **(tags or {})}
+    _stop_on_sigterm()
     with mlflow.start_run(run_name=run_name, nested=nested, tags=all_tags) as run:
         if run_name and not nested:
             mlflow.set_tag("mlflow.runName", run_name)

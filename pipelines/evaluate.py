@@ -26,15 +26,16 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from analysis import keys, runs  # noqa: E402
 from analysis.plots import roc_figure  # noqa: E402
 from data_tools.constants import ATYPICAL, NORMAL  # noqa: E402
+from data_tools.errors import UserError
 from data_tools.params import param  # noqa: E402
 from data_tools.store import Store, open_store  # noqa: E402
 from models.checkpoint import resolve_device  # noqa: E402
 from models.metrics import METRICS, ba_optimal_threshold, bootstrap_metrics  # noqa: E402
-from pipelines.common import log_params, log_store, step_run  # noqa: E402
+from pipelines.common import cli_step, log_params, log_store, step_run  # noqa: E402
 from pipelines.config import StepConfig, as_params, from_cli  # noqa: E402
 
 
-class OverlapError(RuntimeError):
+class OverlapError(UserError, RuntimeError):
     """The test store shares images with the training store."""
 
 
@@ -193,6 +194,7 @@ def run_evaluate(cfg: EvaluateConfig) -> str:
     return run.info.run_id
 
 
+@cli_step(keys.EVALUATE)
 def main(argv: list[str] | None = None) -> str:
     cfg = from_cli(EvaluateConfig, argv, __doc__)
     run_id = run_evaluate(cfg)

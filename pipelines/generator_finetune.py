@@ -26,7 +26,7 @@ from data_tools.store import Store, open_store
 from models.generator import Generator, encode_moments
 from models.generator_training import FitConfig, fit_generator
 from models.checkpoint import resolve_device
-from pipelines.common import log_params, log_store, step_run
+from pipelines.common import cli_step, log_params, log_store, step_run
 from pipelines.config import StepConfig, as_params, from_cli
 from pipelines.generator_pretrain import epoch_logger, log_generator
 
@@ -99,6 +99,7 @@ def finetune_fold(cfg: GeneratorFinetuneConfig, store: Store, k: int, pretrained
     return workdir
 
 
+@cli_step(keys.GENERATOR_FINETUNE)
 def main(argv: list[str] | None = None) -> str:
     cfg = from_cli(GeneratorFinetuneConfig, argv, __doc__)
     store = open_store(cfg.data)

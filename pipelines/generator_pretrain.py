@@ -23,7 +23,7 @@ from data_tools.store import open_store
 from models.generator import Generator
 from models.generator_training import FitConfig, fit_generator
 from models.checkpoint import resolve_device
-from pipelines.common import log_params, log_store, step_run
+from pipelines.common import cli_step, log_params, log_store, step_run
 from pipelines.config import StepConfig, as_params, from_cli
 
 
@@ -59,6 +59,7 @@ def log_generator(gen: Generator, train_ids: list[str]) -> None:
     mlflow.log_text("\n".join(map(str, train_ids)) + "\n", keys.TRAIN_IDS)
 
 
+@cli_step(keys.GENERATOR_PRETRAIN)
 def main(argv: list[str] | None = None) -> str:
     cfg = from_cli(GeneratorPretrainConfig, argv, __doc__)
     store = open_store(cfg.data)

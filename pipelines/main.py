@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from analysis import keys
 from data_tools.store import open_store
 from data_tools.params import param
-from pipelines.common import ROOT, code_version, step_run
+from pipelines.common import ROOT, cli_step, code_version, step_run
 from pipelines.config import StepConfig, build, from_cli
 from pipelines.generator_pretrain import GeneratorPretrainConfig
 from pipelines.prepare_data import PrepareDataConfig
@@ -101,7 +101,8 @@ CONFIG = MainConfig
 
 
 def prepare_stores(flow: Workflow, pool: ThreadPoolExecutor, cfg: MainConfig) -> tuple[str, str, str]:
-    """(CV store, test store, generator pool): given, or built by prepare_data (the demo builds all three)."""
+    """(CV store, test store, generator pool): given, or built by prepare_data (the demo builds all three).
+    The stores folder is the workflow's own: a store it rebuilds (new code, other parameters) replaces the old."""
     prep = build(PrepareDataConfig, cfg.profile, source=cfg.source, root=cfg.root)
     stores = Path(cfg.stores).resolve()
     data, test_data, gen_pool = cfg.data, cfg.test_data, cfg.pool
@@ -109,15 +110,16 @@ def prepare_stores(flow: Workflow, pool: ThreadPoolExecutor, cfg: MainConfig) ->
     todo = []
     if not data:
         data = str(stores / (prep.source + ("_lodo" if prep.split == keys.LODO else "")))
-        todo.append(pool.submit(flow.step, keys.PREPARE_DATA, source=prep.source, root=prep.root, out=data))
+        todo.append(pool.submit(flow.step, keys.PREPARE_DATA, source=prep.source, root=prep.root, out=data,
+                                overwrite="true"))
     if not test_data and demo:  # a held-out demo set: other seed, no CV pool
         test_data = str(stores / "demo_test")
         todo.append(pool.submit(flow.step, keys.PREPARE_DATA, source="demo", out=test_data, folds="0", split="group",
-                                seed=str(prep.seed + 1), size=str(cfg.test_size)))
+                                overwrite="true", seed=str(prep.seed + 1), size=str(cfg.test_size)))
     if not gen_pool and demo:  # pretraining never sees the CV pool: a pool of its own
         gen_pool = str(stores / "demo_pool")
         todo.append(pool.submit(flow.step, keys.PREPARE_DATA, source="demo", out=gen_pool, folds="0", split="group",
-                                seed=str(prep.seed + 2), size=str(cfg.pool_size)))
+                                overwrite="true", seed=str(prep.seed + 2), size=str(cfg.pool_size)))
     for done in todo:
         done.result()
     gen_pool = gen_pool or build(GeneratorPretrainConfig, cfg.profile).data
@@ -141,6 +143,7 @@ def classifier(flow: Workflow, data: str, test_data: str, backbone: str, regime:
         flow.step(keys.EVALUATE, train_run_id=train, test_data=test_data)
 
 
+@cli_step(keys.MAIN)
 def main(argv: list[str] | None = None) -> str:
     cfg = from_cli(MainConfig, argv, __doc__)
     if Path(cfg.profile).is_file():  # steps run in the project folder: give them the file's absolute path

@@ -20,11 +20,9 @@ import mlflow
 
 from analysis import keys
 from analysis.submission import check_output, export_model, load_predictor, write_predictions
-from data_tools.images import ImageError
-from data_tools.inputs import InputError, load_inputs
+from data_tools.inputs import load_inputs
 from data_tools.params import param
-from data_tools.store import StoreError
-from pipelines.common import log_params, step_run
+from pipelines.common import cli_step, log_params, step_run
 from pipelines.config import StepConfig, as_params, from_cli
 
 @dataclass
@@ -44,6 +42,7 @@ class PredictConfig(StepConfig):
 CONFIG = PredictConfig
 
 
+@cli_step(keys.PREDICT)
 def main(argv: list[str] | None = None) -> Path | None:
     cfg = from_cli(PredictConfig, argv, __doc__)
     if cfg.export:
@@ -51,11 +50,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         print(f"exported {cfg.model} to {path}")
         return path
     t0 = time.perf_counter()
-    try:
-        check_output(cfg.output)
-        crops = load_inputs(cfg.input)
-    except (InputError, ImageError, StoreError, ValueError) as e:
-        raise SystemExit(f"predict: {e}") from None
+    check_output(cfg.output)  # before any work
+    crops = load_inputs(cfg.input)
     predictor = load_predictor(cfg.model, cfg.device, cfg.threshold)
     prob, cls = predictor.predict(crops.images, tta=cfg.tta, batch_size=cfg.batch_size)
     out = write_predictions(cfg.output, crops.ids, prob, cls)

@@ -7,18 +7,21 @@ sliderunner; `data_tools.ingest.adapter_options(source)` lists them.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 
 from analysis import keys
 from data_tools.grids import save_grids
 from data_tools.folds import SPLITS
-from data_tools.ingest import ADAPTERS, adapter_options, ingest
+from data_tools.ingest import ADAPTERS, adapter_options, ingest, prepare_out
 from data_tools.params import param
-from pipelines.common import log_params, log_store, step_run
+from data_tools.store import Store
+from pipelines.common import cli_step, log_params, log_store, step_run
 from pipelines.config import StepConfig, as_params, build, parser
 
 
@@ -35,6 +38,8 @@ class PrepareDataConfig(StepConfig):
     seed: int = param("seed of the fold assignment (and of the demo crops)")
     on_error: str = param("raise | skip (skipped items are listed in the run's skipped.csv)", choices=("raise", "skip"))
     size: int | None = param("demo only: number of crops")
+    overwrite: bool = param("replace an existing store at out (in one atomic step); without it, an existing out "
+                            "is an error", identity=False)
 
     STEP = keys.PREPARE_DATA
 
@@ -42,7 +47,8 @@ class PrepareDataConfig(StepConfig):
 CONFIG = PrepareDataConfig
 
 
-def main(argv: list[str] | None = None):
+@cli_step(keys.PREPARE_DATA)
+def main(argv: list[str] | None = None) -> Store:
     p = parser(PrepareDataConfig, __doc__)
     args, extra = p.parse_known_args(argv)
     args = vars(args)
@@ -57,14 +63,17 @@ def main(argv: list[str] | None = None):
     if unknown:  # a misspelt option would silently change nothing
         p.error(f"source {cfg.source!r} has no option(s) {unknown}; its options: "
                 f"{', '.join(adapter_options(cfg.source)) or 'none'}")
-    try:
+    prepare_out(out, cfg.overwrite)  # before any work: an existing store is not replaced unasked
+    if out.exists():
+        print(f"replacing {out} (overwrite=true)", file=sys.stderr)
+    # the run is open while the store is written: a failed or killed ingest leaves a FAILED run,
+    # with skipped.csv logged as soon as the source is read
+    with step_run(keys.PREPARE_DATA, cfg.profile, run_name=f"prepare {out.name}"):
+        log_params({**as_params(cfg), "out": str(out), **options})
         store, skipped = ingest(cfg.source, cfg.root or None, out, folds=cfg.folds, seed=cfg.seed,
                                 on_error=cfg.on_error, split=cfg.split, split_by=cfg.split_by,
-                                min_domain_size=cfg.min_domain_size, **options)
-    except ValueError as e:  # a bad source, file, row or split (AdapterError, ImageError, FoldError, ...)
-        raise SystemExit(f"prepare_data: {e}") from None
-    with step_run(keys.PREPARE_DATA, cfg.profile, run_name=f"prepare {store.name}"):
-        log_params({**as_params(cfg), "out": str(out), **options})
+                                min_domain_size=cfg.min_domain_size, overwrite=cfg.overwrite,
+                                on_skipped=_log_skipped, **options)
         log_store(store, "training")
         m = store.manifest
         mlflow.log_metrics({keys.N_IMAGES: m["n"], keys.N_SKIPPED: len(skipped),
@@ -72,15 +81,17 @@ def main(argv: list[str] | None = None):
         mlflow.log_dict(m, keys.MANIFEST_JSON)
         if save_grids(store, store.path / keys.GRIDS_DIR, seed=cfg.seed):
             mlflow.log_artifacts(str(store.path / keys.GRIDS_DIR), keys.GRIDS_DIR)
-        if len(skipped):
-            with tempfile.TemporaryDirectory() as tmp:
-                skipped.to_csv(Path(tmp) / keys.SKIPPED_CSV, index=False)
-                mlflow.log_artifact(str(Path(tmp) / keys.SKIPPED_CSV))
     print(f"store {store.path} ({m['n']} crops, {m['image_size'][0]}x{m['image_size'][1]}), digest {store.digest[:12]}")
     print(json.dumps({k: m[k] for k in ("per_class", "per_domain", "per_fold", "n_groups")}, indent=1))
     if len(skipped):
         print(f"skipped {len(skipped)} items (listed in the run's {keys.SKIPPED_CSV})")
     return store
+
+
+def _log_skipped(skipped: pd.DataFrame) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        skipped.to_csv(Path(tmp) / keys.SKIPPED_CSV, index=False)
+        mlflow.log_artifact(str(Path(tmp) / keys.SKIPPED_CSV))
 
 
 def _extra_options(parser, extra: list[str]) -> dict[str, str]:

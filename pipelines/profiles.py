@@ -33,7 +33,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         # the demo's generator pool and held-out test set; steps side by side (2 cores: one thread each)
         "main": {**_MAIN, "pool_size": 1000, "test_size": 500, "jobs": 2},
         "prepare_data": {"source": "demo", "root": "", "out": "", "size": 1500, "folds": 5, "seed": 0,
-                         "on_error": "raise", **_SPLIT},
+                         "on_error": "raise", "overwrite": False, **_SPLIT},
         # generator: tiny VAE/DiT, few epochs, lr 1e-3 (the paper's 1e-4 is too slow for minutes on a CPU), the
         # VAE trained on 64 px crops and not fine-tuned, 50 synthetic atypical crops per fold (balancing would
         # take 840: minutes more on 2 cores). Pretraining must not see the CV pool: a separate demo pool.
@@ -71,7 +71,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {
         "main": {**_MAIN, "pool_size": 0, "test_size": 0, "jobs": 1},  # one GPU: one step at a time
         "prepare_data": {"source": "midog25", "root": "", "out": "", "size": None, "folds": 5, "seed": 42,
-                         "on_error": "skip", **_SPLIT},
+                         "on_error": "skip", "overwrite": False, **_SPLIT},
         # generator (paper, "Synthetic Image Generation"): VAE and DDPM each 1000 epochs, batch 32, AdamW 1e-4 on
         # the unlabelled WSI pool; per fold VAE 2000 / DiT 5000 epochs, batch 8; DDPM 1000 steps. Sizes, KL weight,
         # CFG dropout/scale are not in the paper: Stable-Diffusion-sized VAE + DiT-B/2, DiT's 0.1 and 1.5.

@@ -19,14 +19,14 @@ from mlflow.tracking import MlflowClient
 from analysis import keys
 from analysis.plots import plot_calibration, plot_domain_gap, plot_fold_aurocs, plot_rocs
 from analysis.queries import EvalRun, TrainRow, eval_runs, out_of_fold_predictions, train_rows
-from analysis.runs import RunLookupError, experiment_ids, read_csv_artifact
+from analysis.runs import experiment_ids, read_csv_artifact
 from analysis.stats import compare_regimes
 from analysis.submission import CRITERIA, SelectionError, log_ensemble_model, select_row
 from analysis.tables import (comparison_table, domain_table, label, table1, table2, table2_domains, to_markdown,
                              write_table)
 from data_tools.constants import ATYPICAL, NORMAL
 from data_tools.params import param
-from pipelines.common import log_params, step_run
+from pipelines.common import cli_step, log_params, step_run
 from pipelines.config import StepConfig, as_params, from_cli
 
 CAPTION1 = "{k}-fold cross-validation AUROC (%) per backbone and training regime."
@@ -263,14 +263,12 @@ class ReportConfig(StepConfig):
 CONFIG = ReportConfig
 
 
+@cli_step(keys.REPORT)
 def main(argv: list[str] | None = None) -> dict:
     cfg = from_cli(ReportConfig, argv, __doc__)
     run_ids = [r.strip() for r in cfg.runs.split(",") if r.strip()] or None
     if cfg.experiment:
-        try:
-            experiment_id = experiment_ids(MlflowClient(), cfg.experiment)[0]
-        except RunLookupError as e:
-            raise SystemExit(f"report: {e}") from None
+        experiment_id = experiment_ids(MlflowClient(), cfg.experiment)[0]
         if not os.environ.get("MLFLOW_RUN_ID"):  # the report run lives with the runs it reports
             mlflow.set_experiment(experiment_id=experiment_id)
     with step_run(keys.REPORT, cfg.profile, run_name="report"), tempfile.TemporaryDirectory() as tmp:

@@ -30,7 +30,7 @@ from models.generator import Generator, reconstruct
 from models.generator_quality import quality_report
 from models.sampling import SAMPLERS, generate
 from models.checkpoint import resolve_device
-from pipelines.common import log_params, log_store, step_run
+from pipelines.common import cli_step, log_params, log_store, step_run
 from pipelines.config import StepConfig, as_params, from_cli
 from pipelines.generator_finetune import download_generator
 
@@ -99,6 +99,7 @@ def synthesize_fold(cfg: SynthConfig, real: Store, k: int, gen: Generator, gener
     return store, metrics, grids
 
 
+@cli_step(keys.SYNTHESIZE)
 def main(argv: list[str] | None = None) -> str:
     cfg = from_cli(SynthConfig, argv, __doc__)
     device = resolve_device(cfg.device)

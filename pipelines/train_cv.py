@@ -33,7 +33,7 @@ from data_tools.params import param
 from data_tools.store import Store, open_store
 from models.metrics import mean_and_population_sd
 from models.training import FoldResult, TrainConfig, train_fold
-from pipelines.common import code_version, log_params, log_store, shared_write
+from pipelines.common import cli_step, code_version, log_params, log_store, shared_write
 from pipelines.config import StepConfig, as_params, from_cli, identity
 from pipelines.joining import open_parent
 
@@ -204,6 +204,7 @@ def run_train_cv(cfg: TrainCVConfig) -> str:
     return parent_id
 
 
+@cli_step(keys.TRAIN_CV)
 def main(argv: list[str] | None = None) -> str:
     cfg = from_cli(TrainCVConfig, argv, __doc__)
     parent = run_train_cv(cfg)

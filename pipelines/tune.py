@@ -34,7 +34,7 @@ from data_tools.folds import select_folds
 from data_tools.params import param
 from data_tools.store import Store, open_store
 from models.training import train_fold
-from pipelines.common import log_params, log_store, step_run
+from pipelines.common import cli_step, log_params, log_store, step_run
 from pipelines.config import as_params, build, parser
 from pipelines.train_cv import TrainCVConfig, parent_params
 
@@ -163,6 +163,7 @@ def start_workers(argv: list[str], cfg: TuneConfig, run) -> list[subprocess.Pope
             for _ in range(cfg.n_workers - 1)]
 
 
+@cli_step(keys.TUNE)
 def main(argv: list[str] | None = None) -> optuna.Study:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = parser(TuneConfig, __doc__)

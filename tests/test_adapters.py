@@ -65,7 +65,7 @@ def _class_folders(root, n_atyp=4, n_norm=6):
 
 def test_folder_adapter_reads_classes_and_skips_bad_files(tmp_path):
     root = _class_folders(tmp_path / "src")
-    store, skipped = ingest("folder", root, tmp_path / "s", folds=0)
+    store, skipped = ingest("folder", root, tmp_path / "s", overwrite=True, folds=0)
     assert len(store) == 10 and store.manifest["per_class"] == {"normal": 6, "atypical": 4}
     row = store.index.set_index("sample_id").loc["a2"]
     assert row["label"] == 1 and row["domain"] == "src" and row["group"] == "a2"
@@ -97,7 +97,7 @@ def _midog25_source(root):
 
 def test_midog25_adapter_labels_domains_groups_scanner(tmp_path):
     root = _midog25_source(tmp_path / "release")
-    store, skipped = ingest("midog25", root, tmp_path / "s", folds=0)
+    store, skipped = ingest("midog25", root, tmp_path / "s", overwrite=True, folds=0)
     ix = store.index.set_index("sample_id")
     assert len(store) == 8 and len(skipped) == 0
     assert ix.loc["1", "label"] == 1 and ix.loc["2", "label"] == 0 and ix.loc["5", "label"] == 1
@@ -119,8 +119,8 @@ def test_midog25_bad_rows_raise_or_skip(tmp_path, break_it, message):
     table = break_it(pd.read_csv(root / "MIDOG25.csv", dtype=str, keep_default_na=False), root)
     table.to_csv(root / "MIDOG25.csv", index=False)
     with pytest.raises(AdapterError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        ingest("midog25", root, tmp_path / "s", folds=0)
-    store, skipped = ingest("midog25", root, tmp_path / "s", folds=0, on_error="skip")
+        ingest("midog25", root, tmp_path / "s", overwrite=True, folds=0)
+    store, skipped = ingest("midog25", root, tmp_path / "s", overwrite=True, folds=0, on_error="skip")
     assert len(store) == 7 and len(skipped) == 1 and message.split(": ")[-1] in skipped["reason"].iloc[0]
 
 
@@ -128,7 +128,7 @@ def test_midog25_missing_columns_are_named(tmp_path):
     root = _midog25_source(tmp_path / "release")
     pd.read_csv(root / "MIDOG25.csv").drop(columns=["majority", "Tumor"]).to_csv(root / "MIDOG25.csv", index=False)
     with pytest.raises(AdapterError, match=r"missing columns \['Tumor', 'majority'\]"):
-        ingest("midog25", root, tmp_path / "s", folds=0, on_error="skip")
+        ingest("midog25", root, tmp_path / "s", overwrite=True, folds=0, on_error="skip")
 
 
 def test_amibr_unlisted_crops_and_folder_conflicts(tmp_path):
@@ -141,22 +141,22 @@ def test_amibr_unlisted_crops_and_folder_conflicts(tmp_path):
     _png(root / "Normal" / "TUPAC16_99.png", CROPS[20])  # a PNG the split CSV does not list
     cols = ["Unnamed: 0", "slide", "dataset", "uid", "final_label", "dataset_uid", "x", "y"]
     pd.DataFrame(rows, columns=cols).to_csv(root / "amibr_train_split.csv", index=False)
-    store, _ = ingest("amibr", root, tmp_path / "s", folds=0)
+    store, _ = ingest("amibr", root, tmp_path / "s", overwrite=True, folds=0)
     ix = store.index.set_index("sample_id")
     assert len(store) == 7 and "Unnamed: 0" not in ix.columns
     assert ix.loc["MIDOG21_1", "label"] == 1 and ix.loc["MIDOG21_4", "group"] == "001.tiff"
     assert ix.loc["TUPAC16_99", "group"] == "unknown:unlisted" and not ix.loc["TUPAC16_99", "in_split_csv"]
-    assert len(ingest("amibr", root, tmp_path / "s", folds=0, unlisted="drop")[0]) == 6
+    assert len(ingest("amibr", root, tmp_path / "s", overwrite=True, folds=0, unlisted="drop")[0]) == 6
     rows[3][4] = "Atypical"  # the CSV now disagrees with the folder the PNG is in
     pd.DataFrame(rows, columns=cols).to_csv(root / "amibr_train_split.csv", index=False)
     with pytest.raises(AdapterError, match="line 5 .*CSV says Atypical but the file is in Normal/"):
-        ingest("amibr", root, tmp_path / "s", folds=0)
+        ingest("amibr", root, tmp_path / "s", overwrite=True, folds=0)
 
 
 def test_unknown_option_is_named_with_the_valid_ones(tmp_path):
     assert set(adapter_options("sliderunner")) >= {"slides", "mitosis_class", "label", "edge", "crop_size"}
     with pytest.raises(ValueError, match="no option \\['slide'\\].*'slides'"):
-        ingest("sliderunner", tmp_path / "x.sqlite", tmp_path / "s", slide="typo")
+        ingest("sliderunner", tmp_path / "x.sqlite", tmp_path / "s", overwrite=True, slide="typo")
 
 
 # ---- platform stacks -------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def test_gc_stack_with_ground_truth(tmp_path):
     truth = [{"image": "stack_1.tiff", "labels": ["normal", "atypical", "normal"], "tumordomains": [1, 1, 1]},
              {"image": "stack_2.tiff", "labels": ["atypical", "normal"], "tumordomains": [4, 4]}]
     (tmp_path / "gt.json").write_text(json.dumps(truth))
-    store, _ = ingest("gc_stack", tmp_path, tmp_path / "s", folds=0, labels=str(tmp_path / "gt.json"))
+    store, _ = ingest("gc_stack", tmp_path, tmp_path / "s", overwrite=True, folds=0, labels=str(tmp_path / "gt.json"))
     assert store.index["sample_id"].tolist() == ["stack_1_p0", "stack_1_p1", "stack_1_p2", "stack_2_p0", "stack_2_p1"]
     assert store.index["label"].tolist() == [0, 1, 0, 1, 0] and store.index["domain"].tolist() == ["1"] * 3 + ["4"] * 2
     assert np.array_equal(store.images, CROPS[:5])
@@ -175,12 +175,13 @@ def test_gc_stack_with_ground_truth(tmp_path):
     assert unlabelled.index["label"].tolist() == [-1, -1]
     tifffile.imwrite(tmp_path / "stack_3.tiff", CROPS[:2, ..., 0])  # greyscale pages
     with pytest.raises(AdapterError, match="stack_3.tiff page 0: greyscale"):
-        ingest("gc_stack", tmp_path, tmp_path / "s", folds=0)
+        ingest("gc_stack", tmp_path, tmp_path / "s", overwrite=True, folds=0)
     (tmp_path / "stack_3.tiff").unlink()
     (tmp_path / "gt.json").write_text(json.dumps(truth[:1]))
     with pytest.raises(AdapterError, match="stack_2.tiff: no entry in the ground truth"):
-        ingest("gc_stack", tmp_path, tmp_path / "s", folds=0, labels=str(tmp_path / "gt.json"))
-    store, skipped = ingest("gc_stack", tmp_path, tmp_path / "s", folds=0, labels=str(tmp_path / "gt.json"),
+        ingest("gc_stack", tmp_path, tmp_path / "s", overwrite=True, folds=0, labels=str(tmp_path / "gt.json"))
+    store, skipped = ingest("gc_stack", tmp_path, tmp_path / "s", overwrite=True,
+                            folds=0, labels=str(tmp_path / "gt.json"),
                             on_error="skip")
     assert len(store) == 3 and skipped["item"].str.endswith("stack_2.tiff").all()
 
@@ -262,8 +263,8 @@ def test_sliderunner_crops_centred_on_live_annotations(tmp_path, sliderunner_sch
     _pyramid(tmp_path / "slides" / "cmc" / "a.tif")
     assert len(read_annotations(db)) == 7
     with pytest.raises(AdapterError, match="gone.svs: slide file not found"):
-        ingest("sliderunner", db, tmp_path / "s", folds=0, slides=str(tmp_path / "slides"))
-    store, skipped = ingest("sliderunner", db, tmp_path / "s", folds=0, slides=str(tmp_path / "slides"),
+        ingest("sliderunner", db, tmp_path / "s", overwrite=True, folds=0, slides=str(tmp_path / "slides"))
+    store, skipped = ingest("sliderunner", db, tmp_path / "s", overwrite=True, folds=0, slides=str(tmp_path / "slides"),
                             on_error="skip")
     ix = store.index
     assert ix["annotation_uid"].tolist() == [1, 2, 3, 6]  # not deleted 4, not look-alike 5, not slide 2
@@ -273,14 +274,15 @@ def test_sliderunner_crops_centred_on_live_annotations(tmp_path, sliderunner_sch
     assert ix["padded"].tolist() == [False, False, False, True]
     assert skipped["item"].tolist() == ["gone.svs"] and "1 annotations" in skipped["reason"].iloc[0]
     assert store.manifest["provenance"]["n_deleted_skipped"] == 1
-    by_id, _ = ingest("sliderunner", db, tmp_path / "s", folds=0, slides=str(tmp_path / "slides"), on_error="skip",
+    by_id, _ = ingest("sliderunner", db, tmp_path / "s", overwrite=True,
+                      folds=0, slides=str(tmp_path / "slides"), on_error="skip",
                       mitosis_class="2", edge="skip", label="0")
     assert by_id.index["annotation_uid"].tolist() == [5] and by_id.index["label"].tolist() == [0]
-    edge, skipped = ingest("sliderunner", db, tmp_path / "s", folds=0, slides=str(tmp_path / "slides"),
+    edge, skipped = ingest("sliderunner", db, tmp_path / "s", overwrite=True, folds=0, slides=str(tmp_path / "slides"),
                            on_error="skip", edge="skip")
     assert len(edge) == 3 and "reaches past the edge" in skipped["reason"].iloc[-1]
     with pytest.raises(AdapterError, match="no class 'Mitosis'.*1='Mitotic figure'"):
-        ingest("sliderunner", db, tmp_path / "s", folds=0, mitosis_class="Mitosis")
+        ingest("sliderunner", db, tmp_path / "s", overwrite=True, folds=0, mitosis_class="Mitosis")
 
 
 def test_midogpp_crops_with_midog25_labels(tmp_path):
@@ -297,7 +299,8 @@ def test_midogpp_crops_with_midog25_labels(tmp_path):
             ["3.png", "002.tiff", 35, 35, "NMF"]]
     pd.DataFrame(rows, columns=["image_id", "filename", "coordinateX", "coordinateY", "majority"]).to_csv(
         tmp_path / "MIDOG25.csv", index=False)
-    store, _ = ingest("midogpp", tmp_path, tmp_path / "s", folds=0, labels=str(tmp_path / "MIDOG25.csv"))
+    store, _ = ingest("midogpp", tmp_path, tmp_path / "s", overwrite=True,
+                      folds=0, labels=str(tmp_path / "MIDOG25.csv"))
     ix = store.index.set_index("sample_id")
     assert list(ix.index) == ["midogpp_10", "midogpp_12", "midogpp_13"]
     assert ix["label"].tolist() == [1, -1, 0] and ix["midog25_image_id"].tolist() == ["1.png", "", "3.png"]

@@ -2,6 +2,9 @@
 mixes stacks and crops, an output that cannot be written, an option a source does not know, an
 ingest that would leave an empty store, an empty test store."""
 
+import os
+
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,7 +15,7 @@ from conftest import shared_data
 from data_tools.adapters.base import AdapterError
 from data_tools.ingest import ingest
 from data_tools.inputs import InputError, load_inputs
-from data_tools.store import write_store
+from data_tools.store import open_store, write_store
 from pipelines import predict, prepare_data
 from pipelines.config import build
 from pipelines.evaluate import EvaluateConfig, run_evaluate
@@ -22,6 +25,11 @@ RNG = np.random.default_rng(0)
 
 def _crops(n: int) -> np.ndarray:
     return RNG.integers(0, 255, (n, 128, 128, 3), dtype=np.uint8)
+
+
+def _index(n: int) -> pd.DataFrame:
+    return pd.DataFrame({"sample_id": [f"c{i}" for i in range(n)], "label": 0, "domain": "d", "group": "g",
+                         "source": "t", "fold": -1})
 
 
 def test_a_folder_with_stacks_and_crops_is_refused_not_half_read(tmp_path):
@@ -145,3 +153,123 @@ def test_16_bit_crops_are_refused_the_same_way_by_ingest_and_predict(tmp_path):
     tifffile.imwrite(tmp_path / "deep_stack.tiff", np.stack([deep, deep]), photometric="rgb")
     with pytest.raises(InputError, match="deep_stack.tiff page 0: 16-bit image"):
         load_inputs(tmp_path / "deep_stack.tiff")
+
+
+def _demo_args(out, *extra) -> list[str]:
+    return ["--source", "demo", "--size", "60", "--folds", "0", "--out", str(out), *extra]
+
+
+def test_an_existing_store_is_replaced_only_when_asked_and_in_one_step(tmp_path, tracking):
+    out = tmp_path / "stores" / "s"
+    first = prepare_data.main(_demo_args(out, "--seed", "1"))
+    with pytest.raises(SystemExit, match=r"s already exists, a store \(60 crops, digest .*give overwrite=true"):
+        prepare_data.main(_demo_args(out, "--seed", "2"))
+    assert open_store(out).digest == first.digest  # untouched
+    second = prepare_data.main(_demo_args(out, "--seed", "2", "--overwrite", "true"))
+    assert second.digest != first.digest and open_store(out).digest == second.digest
+    assert [p.name for p in out.parent.iterdir()] == ["s"]  # nothing left beside it
+
+
+def test_a_kill_during_a_replacement_leaves_the_old_or_the_new_store_never_none(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    from data_tools import atomic
+    out = tmp_path / "s"
+    old = write_store(out, _crops(2), _index(2), name="s", adapter="t")
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*_, **__):
+        raise Killed
+    # atomic exchange: once the names are swapped the new store is in place; a kill then only leaves the old copy
+    monkeypatch.setattr(atomic.shutil, "rmtree", killed)
+    with pytest.raises(Killed):
+        write_store(out, _crops(3), _index(3), name="s", adapter="t")
+    monkeypatch.undo()
+    assert len(open_store(out)) == 3
+    # without kernel support: two renames; a kill between them leaves `out` missing and the old one aside ...
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    real_replace = atomic.os.replace
+
+    def replace(a, b):
+        if b == out:  # the second rename: the new store into place
+            raise Killed
+        real_replace(a, b)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(Killed):
+        write_store(out, _crops(4), _index(4), name="s", adapter="t")
+    monkeypatch.undo()
+    assert not out.exists()
+    # ... which the next writer's start restores once the writer that left it is gone
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    aside = next(tmp_path.glob(".s.old-*"))
+    aside.rename(aside.with_name(aside.name.replace(f"-{os.getpid()}-", f"-{dead.stdout.strip()}-")))
+    stray = tmp_path / f".s.tmp-{atomic._HOST}-{dead.stdout.strip()}-0123abcd"
+    stray.mkdir()
+    done = atomic.clean_leftovers(out)
+    assert len(open_store(out)) == 3 and not stray.exists() and len(done) == 2, done
+    assert old.digest != open_store(out).digest
+
+
+def test_a_killed_ingest_leaves_a_failed_run_and_its_leftovers_are_removed_at_the_next_start(tmp_path, tracking):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from mlflow.tracking import MlflowClient
+    from conftest import ROOT
+    out = tmp_path / "s"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "MLFLOW_EXPERIMENT_NAME": "test"}
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        job = subprocess.Popen([sys.executable, "-m", "pipelines.prepare_data", *_demo_args(out, "--size", "4000")],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 120
+        while not list(tmp_path.glob(".s.scratch-*")) and time.time() < deadline and job.poll() is None:
+            time.sleep(0.05)  # the ingest has begun (inside the run)
+        job.send_signal(sig)
+        job.communicate(timeout=60)
+        assert not out.exists()
+        if sig == signal.SIGTERM:  # unwinds: the run is FAILED, the scratch folder gone
+            assert [r.info.status for r in MlflowClient().search_runs([mlflow.get_experiment_by_name("test").experiment_id])] \
+                == ["FAILED"]
+            assert not list(tmp_path.glob(".s.*"))
+    assert list(tmp_path.glob(".s.scratch-*"))  # SIGKILL: nothing could tidy up ...
+    prepare_data.main(_demo_args(out))  # ... until the next start
+    assert not list(tmp_path.glob(".s.*")) and len(open_store(out)) == 60
+
+
+def test_user_errors_end_in_one_line_and_debug_shows_the_traceback(tmp_path, tracking, monkeypatch):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    cmd = [sys.executable, "-m", "pipelines.evaluate", "--train_run_id", "0" * 32, "--test_data", str(tmp_path / "none")]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
+    quiet = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 1 and "Traceback" not in quiet.stderr
+    assert quiet.stderr.strip().splitlines()[-1].startswith("evaluate: ") and "none" in quiet.stderr
+    (tmp_path / "raw" / "Normal").mkdir(parents=True)
+    (tmp_path / "raw" / "Normal" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match=r"^prepare_data: .*bad.png: cannot decode image"):
+        prepare_data.main(["--source", "folder", "--root", str(tmp_path / "raw"), "--out", str(tmp_path / "s")])
+    with pytest.raises(AdapterError):  # --debug: the exception itself, for a traceback
+        prepare_data.main(["--source", "folder", "--root", str(tmp_path / "raw"), "--out", str(tmp_path / "s"), "--debug"])
+    monkeypatch.setenv("MITOCLASS_DEBUG", "1")
+    with pytest.raises(AdapterError):
+        prepare_data.main(["--source", "folder", "--root", str(tmp_path / "raw"), "--out", str(tmp_path / "s")])
+
+
+def test_skips_that_empty_a_class_are_named_in_the_fold_error_and_skipped_csv_is_logged(tmp_path, tracking):
+    from mlflow.tracking import MlflowClient
+    root = tmp_path / "raw"
+    for cls, n in (("Normal", 12), ("Atypcal", 6)):  # a misspelt class folder, skipped whole
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(_crops(1)[0]).save(root / cls / f"{cls}_{i}.png")
+    with pytest.raises(SystemExit, match=r"note: 1 rows were skipped \(1 x unknown class folder.*see skipped.csv"):
+        prepare_data.main(["--source", "folder", "--root", str(root), "--folds", "3", "--on_error", "skip",
+                           "--out", str(tmp_path / "s")])
+    run = MlflowClient().search_runs([mlflow.get_experiment_by_name("test").experiment_id])[0]
+    assert run.info.status == "FAILED"
+    skipped = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="skipped.csv"))
+    assert skipped["item"].str.endswith("Atypcal").tolist() == [True]

@@ -9,6 +9,8 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from data_tools.errors import UserError
+
 # Where a crop was cut, for adapters that know it: the slide file name and the level-0
 # centre in pixels. The overlap check matches stores on these (AMi-Br's MIDOG21 crops sit
 # at exactly the coordinates of MIDOG 2025 rows), besides matching pixels.
@@ -25,7 +27,7 @@ class Ingested:
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError, ValueError):
     """A raw source cannot be read as asked; the message names the file or row."""
 
 

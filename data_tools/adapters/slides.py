@@ -12,10 +12,12 @@ from typing import Protocol
 
 import numpy as np
 
+from data_tools.errors import UserError
+
 WHITE = 255
 
 
-class SlideError(ValueError):
+class SlideError(UserError, ValueError):
     """A slide cannot be opened or read; the message names the file."""
 
 
