@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -78,17 +79,34 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, artifacts: Path, *, ui: bool = False) -> Iterator[str]:
-    """`mlflow server` (or `mlflow ui`) on a free 127.0.0.1 port; yields its http URL."""
+def mlflow_server(backend_uri: str, artifacts: Path, *, ui: bool = False, auth: dict[str, str] | None = None,
+                  host_name: str | None = None) -> Iterator[str]:
+    """`mlflow server` (or `mlflow ui`) on a free 127.0.0.1 port; yields its http URL.
+
+    auth: the `[mlflow]` settings of an auth.ini; the server runs MLflow's basic-auth app with
+    them (MLFLOW_AUTH_CONFIG_PATH and a secret key in its environment only).
+    host_name: the name clients use; the server allows only `<host_name>:<port>` as Host header
+    (`--allowed-hosts`) and the URL names it."""
     port = free_port()
     cmd = [sys.executable, "-m", "mlflow", "ui" if ui else "server", "--backend-store-uri", backend_uri,
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     if not ui:
         cmd += ["--artifacts-destination", str(artifacts)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    env, conf = dict(os.environ), None
+    if auth is not None:
+        conf = Path(tempfile.mkdtemp(prefix="mlflow-auth-", dir="/tmp"))
+        (conf / "auth.ini").write_text("[mlflow]\n" + "".join(f"{k} = {v}\n" for k, v in auth.items()))
+        (conf / "auth.ini").chmod(0o600)
+        env.update(MLFLOW_AUTH_CONFIG_PATH=str(conf / "auth.ini"), MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(32))
+        cmd += ["--app-name", "basic-auth"]
+    if host_name is not None:
+        cmd += ["--allowed-hosts", f"{host_name}:{port}"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://{host_name or '127.0.0.1'}:{port}"
     try:
-        wait_http(url + "/health", proc=proc)
+        wait_http(url + "/health", proc=proc)  # /health needs neither credentials nor an allowed Host
         yield url
     finally:
         stop(proc)
+        if conf is not None:
+            shutil.rmtree(conf, ignore_errors=True)

@@ -1,9 +1,14 @@
 """More than one machine, with the existing engines: a tracking server on PostgreSQL that many
 processes log to, Optuna's database storage shared by workers, and folds of one train_cv run
 started as separate jobs that join one parent run."""
+import base64
+import json
 import os
+import secrets
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import numpy as np
 import optuna
@@ -52,8 +57,37 @@ def test_two_fold_jobs_join_one_parent(tracking, tiny_store):
     _check_joined_parent(client, client.get_experiment_by_name("folds").experiment_id)
 
 
+def _status(url, headers=None, body=None):
+    """HTTP status of a GET (a JSON POST with body), sending the given headers only."""
+    data = None if body is None else json.dumps(body).encode()
+    headers = {**(headers or {}), **({"Content-Type": "application/json"} if body is not None else {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+ADMIN_PASSWORD, USER_PASSWORD = "admin-" + secrets.token_hex(8), "cluster-" + secrets.token_hex(8)
+
+
 def test_postgres_backs_a_shared_study_and_the_tracking_server(tmp_path, tiny_store, monkeypatch):
-    with postgres_server() as pg, mlflow_server(f"{pg}/mlflow", tmp_path / "artifacts") as url:
+    """The README's recipe: basic-auth server on PostgreSQL, reached by a host name that
+    --allowed-hosts lists, jobs logging as a user the admin created."""
+    with postgres_server() as pg, mlflow_server(
+            f"{pg}/mlflow", tmp_path / "artifacts", host_name="localhost",
+            auth={"default_permission": "READ", "database_uri": f"{pg}/mlflow", "admin_username": "admin",
+                  "admin_password": ADMIN_PASSWORD, "auth_cache_ttl_seconds": "60"}) as url:
+        search = url + "/api/2.0/mlflow/experiments/search?max_results=1"
+        assert _status(search) == 401  # no credentials
+        basic = "Basic " + base64.b64encode(f"admin:{ADMIN_PASSWORD}".encode()).decode()
+        assert _status(search, {"Authorization": basic}) == 200
+        assert _status(search, {"Authorization": basic, "Host": "evil.example"}) == 403  # not in --allowed-hosts
+        # the README's curl: the admin creates the user the jobs log as
+        assert _status(url + "/api/2.0/mlflow/users/create", {"Authorization": basic},
+                       {"username": "cluster", "password": USER_PASSWORD}) == 200
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "cluster")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", USER_PASSWORD)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         monkeypatch.chdir(tmp_path)
         env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_EXPERIMENT_NAME": "cluster"}
