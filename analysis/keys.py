@@ -14,8 +14,12 @@ CODE_VERSION = "code_version"
 BACKBONE = "backbone"
 REGIME = "regime"
 FOLD = "fold"  # tag on a nested fold run, value "1".."K"
+DEFAULT_EXPERIMENT = "atypical-mitosis"  # where a step started from the command line logs, unless told otherwise
 WORKFLOW_RUN = "workflow_run_id"
 PARENT_RUN = "mlflow.parentRunId"  # MLflow's own tag of a nested run (mlflow.utils.mlflow_tags)
+DESCRIPTION = "mlflow.note.content"  # MLflow's own tag: the run's description in the UI
+EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow's experiment tag: the UI opens the "Model training" view
+MODEL_TRAINING_KIND = "custom_model_development"
 
 # regimes
 REAL_ONLY = "real_only"
@@ -66,6 +70,7 @@ CV_AUROC_MEAN = "cv_auroc_mean"
 CV_AUROC_STD = "cv_auroc_std"
 CV_BA_MEAN = "cv_ba_mean"
 CV_BA_STD = "cv_ba_std"
+CV_SUMMARY = (CV_AUROC_MEAN, CV_AUROC_STD, CV_BA_MEAN, CV_BA_STD)  # also copied onto evaluate runs (UI comparison)
 
 
 def fold_domain_param(k: int) -> str:
@@ -205,6 +210,8 @@ SELECTED_TRAIN_RUN = "selected_train_run_id"  # tag
 SELECTED_ROW = "selected_row"  # tag, e.g. "ConvNeXt-Small (real)"
 SELECTED_VALUE = "selected_value"  # metric: the criterion's value of the chosen row
 REPORT_MD = "report.md"
+STUDY_FIGURES_DIR = "optuna"  # tune: Optuna's figures of the study (history, slice per parameter)
+TABLES_DIR = "tables"  # the report's tables as MLflow tables (mlflow.log_table): tables/<stem>.json
 TABLE1, TABLE2, COMPARISON = "table1", "table2", "comparison"  # artifact stems: .md, .csv, .tex (+ comparison.json)
 TABLE1_DOMAINS = "table1_domains"  # leave-one-domain-out rows: table1_domains_auroc.*, table1_domains_ba.*
 FIG_FOLD_AUROC, FIG_TEST_ROC, FIG_CALIBRATION = "fold_auroc.png", "test_roc.png", "calibration.png"

@@ -95,3 +95,25 @@ def plot_domain_gap(gaps: dict[str, tuple[list[float], list[float]]], path: str 
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
     return _save(fig, path)
+
+
+def plot_study(study, out_dir: str | Path) -> list[Path]:
+    """Optuna's own figures of a study, with its matplotlib backend (no plotly needed): the
+    optimisation history, objective vs each parameter, and the parameters' importance once
+    the study has more than one."""
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.visualization import matplotlib as optuna_plots
+    names = sorted({name for t in study.trials for name in t.params})
+    figures = {"optuna_history.png": lambda: optuna_plots.plot_optimization_history(study),
+               **{f"optuna_slice_{n}.png": (lambda n=n: optuna_plots.plot_slice(study, params=[n])) for n in names}}
+    if len(names) > 1:
+        figures["optuna_importance.png"] = lambda: optuna_plots.plot_param_importances(study)
+    paths = []
+    with warnings.catch_warnings():  # Optuna marks its matplotlib backend experimental; these are its own plots
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        for name, plot in figures.items():
+            axes = np.atleast_1d(plot()).ravel()
+            paths.append(_save(axes[0].figure, Path(out_dir) / name))
+    return paths

@@ -32,7 +32,7 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from analysis import keys, runs
 from analysis.queries import EvalRun, TrainRow, missing_fold_runs
 from data_tools.constants import ATYPICAL, LABEL_NAMES, NORMAL
-from data_tools.errors import UserError
+from data_tools.errors import ConfigError, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_THRESHOLD = 0.5
@@ -83,7 +83,7 @@ def select_row(rows: list[TrainRow], evals: dict[str, EvalRun], criterion: str =
     Rows without a finished fold run per fold cannot be ensembled and are not candidates.
     """
     if criterion not in CRITERIA:
-        raise ValueError(f"select_by must be one of {CRITERIA}, got {criterion!r}")
+        raise ConfigError(f"select_by must be one of {CRITERIA}, got {criterion!r}")
     scored = []
     for row in rows:
         value = criterion_value(row, criterion, evals)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from data_tools.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -44,7 +46,7 @@ PRESETS: dict[str, AugmentConfig | None] = {
 
 def preset(name: str) -> AugmentConfig | None:
     if name not in PRESETS:
-        raise ValueError(f"augment must be one of {sorted(PRESETS)}, got {name!r}")
+        raise ConfigError(f"augment must be one of {sorted(PRESETS)}, got {name!r}")
     return PRESETS[name]
 
 

@@ -7,3 +7,7 @@ any other exception is a bug in the workbench and keeps its traceback.
 
 class UserError(Exception):
     """Something the user gave is wrong or missing; the message names it (and what to do)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A parameter value is wrong or does not fit the data or runs it refers to."""

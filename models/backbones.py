@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from data_tools.constants import IMAGENET_MEAN, IMAGENET_STD, LUNIT_MEAN, LUNIT_STD
+from data_tools.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ REGISTRY = {"paper": PAPER, "demo": DEMO}
 def resolve_backbone(name: str, profile: str = "paper") -> BackboneSpec:
     """The spec of `name` in `profile`; an unknown name is looked up in timm."""
     if profile not in REGISTRY:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(REGISTRY)}")
+        raise ConfigError(f"unknown profile {profile!r}; choose one of {sorted(REGISTRY)}")
     for table in (REGISTRY[profile], PAPER):
         if name in table:
             return table[name]
@@ -87,7 +88,7 @@ def _timm_passthrough(name: str) -> BackboneSpec:
 
     cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
     if cfg is None:
-        raise ValueError(f"unknown backbone {name!r}: not one of {sorted(PAPER)} and not a timm model name "
+        raise ConfigError(f"unknown backbone {name!r}: not one of {sorted(PAPER)} and not a timm model name "
                          f"(see timm.list_models())")
     hub = cfg.hf_hub_id
     if hub and hub.endswith("/"):

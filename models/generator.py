@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 
 from data_tools.atomic import atomic_dir
+from data_tools.errors import ConfigError
 
 N_CLASSES = 2  # 0 normal, 1 atypical (data_tools.constants)
 GENERATOR_META = "generator.json"
@@ -61,7 +62,7 @@ ARCHS: dict[str, Arch] = {
 
 def get_arch(name: str) -> Arch:
     if name not in ARCHS:
-        raise ValueError(f"unknown generator arch {name!r}; choose one of {sorted(ARCHS)}")
+        raise ConfigError(f"unknown generator arch {name!r}; choose one of {sorted(ARCHS)}")
     return ARCHS[name]
 
 

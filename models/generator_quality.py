@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from scipy import linalg, ndimage
 
 from data_tools.constants import LABEL_NAMES
+from data_tools.errors import ConfigError
 from data_tools.grids import mosaic
 
 # ---------------------------------------------------------------- features
@@ -164,7 +165,7 @@ def distribution_distance(real: np.ndarray, fake: np.ndarray, seed: int = 0, fea
     elif features == "inception":
         r, f = inception_features(real, device), inception_features(fake, device)
     else:
-        raise ValueError(f"unknown features {features!r}; choose one of {FEATURES}")
+        raise ConfigError(f"unknown features {features!r}; choose one of {FEATURES}")
     k, k_std = kid(r, f, seed=seed)
     return {"kid": k, "kid_std": k_std, "fid": fid(r, f)}
 

@@ -13,6 +13,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm import tqdm
 
+from data_tools.errors import ConfigError
 from models.generator import Generator, decode, predict_eps
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
@@ -26,7 +27,7 @@ def make_scheduler(name: str, trained: DDPMScheduler):
         return DDIMScheduler.from_config(trained.config)
     if name == "dpmsolver++":
         return DPMSolverMultistepScheduler.from_config(trained.config, algorithm_type="dpmsolver++", solver_order=2)
-    raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
+    raise ConfigError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
 
 
 def guided_eps(dit, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, null: int, guidance: float) -> torch.Tensor:

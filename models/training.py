@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from data_tools.errors import ConfigError
 from models.metrics import binary_metrics
 from data_tools.augment import PRESETS, augment_and_preprocess, preprocess, preset
 from data_tools.batches import CropPool, concat_pools, iterate_batches, pool_from_store
@@ -116,13 +117,13 @@ def synthetic_rows(synthetic: Store, n: int, seed: int, k: int) -> np.ndarray:
 def fold_pools(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None) -> tuple[CropPool, CropPool, int]:
     """Fold k's training pool (real + synthetic atypical crops) and its real-only validation pool."""
     if k not in store.folds:
-        raise ValueError(f"fold {k} is not a fold of store {store.path} (folds {store.folds})")
+        raise ConfigError(f"fold {k} is not a fold of store {store.path} (folds {store.folds})")
     train_rows, val_rows = store.fold_rows(k)
     labels = store.index["label"].to_numpy()
     for split, rows in (("training", train_rows), ("validation", val_rows)):
         have = set(labels[rows].tolist())
         if not {ATYPICAL, NORMAL} <= have:
-            raise ValueError(f"store {store.path}: fold {k}'s {split} split lacks a class (has labels {sorted(have)})")
+            raise ConfigError(f"store {store.path}: fold {k}'s {split} split lacks a class (has labels {sorted(have)})")
     train = pool_from_store(store, train_rows)
     n_syn = 0
     if synthetic is not None:

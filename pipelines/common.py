@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from analysis import keys
-from data_tools.errors import UserError
+from data_tools.errors import ConfigError, UserError
 from data_tools.params import parse_flag
 from data_tools.store import Store
 
@@ -49,6 +50,9 @@ def cli_step(step: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
     def wrap(main: Callable[..., T]) -> Callable[..., T]:
         @functools.wraps(main)
         def run(argv: list[str] | None = None) -> T:
+            if argv is None and not any(os.environ.get(v) for v in
+                                        ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")):
+                os.environ["MLFLOW_EXPERIMENT_NAME"] = keys.DEFAULT_EXPERIMENT  # a named experiment, not "Default"
             argv = list(sys.argv[1:] if argv is None else argv)
             debug = "--debug" in argv or parse_flag(os.environ.get(DEBUG_ENV) or "false")
             try:
@@ -69,13 +73,31 @@ def _stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
+def mark_training_experiment(experiment_id: str) -> None:
+    """Tag the experiment as model training, so the MLflow UI opens its runs table (not the GenAI view)."""
+    client = mlflow.tracking.MlflowClient()
+    if client.get_experiment(experiment_id).tags.get(keys.EXPERIMENT_KIND) != keys.MODEL_TRAINING_KIND:
+        shared_write(lambda: client.set_experiment_tag(experiment_id, keys.EXPERIMENT_KIND, keys.MODEL_TRAINING_KIND))
+
+
+def step_description(step: str, profile: str) -> str:
+    """A step run's description in the MLflow UI: the first paragraph of its module's docstring."""
+    doc = (importlib.import_module(f"pipelines.{step}").__doc__ or step).strip().split("\n\n")[0]
+    return f"{' '.join(doc.split())}\n\nProfile: {profile}."
+
+
 @contextlib.contextmanager
 def step_run(step: str, profile: str, run_name: str | None = None, tags: dict[str, str] | None = None,
-             nested: bool = False) -> Iterator[mlflow.ActiveRun]:
-    """Start (or, under `mlflow run`, resume via MLFLOW_RUN_ID) the run of a step, tagged by contract."""
-    all_tags = {keys.STEP: step, keys.PROFILE: profile, keys.CODE_VERSION: code_version(), **(tags or {})}
+             nested: bool = False, system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
+    """Start (or, under `mlflow run`, resume via MLFLOW_RUN_ID) the run of a step, tagged by contract,
+    with its description; `system_metrics`: CPU, memory (and GPU) sampled into the run (training steps)."""
+    all_tags = {keys.STEP: step, keys.PROFILE: profile, keys.CODE_VERSION: code_version(),
+                **({} if nested else {keys.DESCRIPTION: step_description(step, profile)}), **(tags or {})}
     _stop_on_sigterm()
-    with mlflow.start_run(run_name=run_name, nested=nested, tags=all_tags) as run:
+    with mlflow.start_run(run_name=run_name, nested=nested, tags=all_tags,
+                          log_system_metrics=system_metrics or None) as run:
+        if not nested:
+            mark_training_experiment(run.info.experiment_id)
         if run_name and not nested:
             mlflow.set_tag("mlflow.runName", run_name)
         yield run
@@ -131,7 +153,7 @@ def log_params(params: dict) -> None:
         existing = mlflow.get_run(run_id).data.params
         for key, value in params.items():
             if key in existing and not _same_value(existing[key], value):
-                raise ValueError(f"run {run_id} already has {key}={existing[key]!r}; this call asks for "
+                raise ConfigError(f"run {run_id} already has {key}={existing[key]!r}; this call asks for "
                                  f"{value!r}. Start a new run instead of resuming this one.")
         return {k: v for k, v in params.items() if k not in existing}
 

@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from analysis import keys, runs  # noqa: E402
 from analysis.plots import roc_figure  # noqa: E402
 from data_tools.constants import ATYPICAL, NORMAL  # noqa: E402
-from data_tools.errors import UserError
+from data_tools.errors import ConfigError, UserError
 from data_tools.params import param  # noqa: E402
 from data_tools.store import Store, open_store  # noqa: E402
 from models.checkpoint import resolve_device  # noqa: E402
@@ -68,9 +68,9 @@ def choose_threshold(spec: str, train_run_id: str) -> float:
     try:
         value = float(spec)
     except ValueError:
-        raise ValueError(f"threshold must be a number in [0, 1] or 'cv_ba', got {spec!r}") from None
+        raise ConfigError(f"threshold must be a number in [0, 1] or 'cv_ba', got {spec!r}") from None
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"threshold must lie in [0, 1], got {value}")
+        raise ConfigError(f"threshold must lie in [0, 1], got {value}")
     return value
 
 
@@ -83,7 +83,7 @@ def training_store(train_run_id: str) -> Store:
                                 f"cannot be checked for overlap; make it available or pass allow_overlap=true")
     store = open_store(path)
     if digest and store.digest != digest:
-        raise ValueError(f"{path} changed since run {train_run_id} trained on it (digest {store.digest[:12]} != "
+        raise ConfigError(f"{path} changed since run {train_run_id} trained on it (digest {store.digest[:12]} != "
                          f"{digest[:12]}); the overlap check would test the wrong data")
     return store
 
@@ -151,10 +151,10 @@ def run_evaluate(cfg: EvaluateConfig) -> str:
     """Evaluate and log; returns the evaluate run id."""
     test = open_store(cfg.test_data)
     if len(test) == 0:
-        raise ValueError(f"test store {test.path} holds no crops: nothing to evaluate")
+        raise ConfigError(f"test store {test.path} holds no crops: nothing to evaluate")
     train = runs.get_run(MlflowClient(), cfg.train_run_id, keys.TRAIN_CV)
     if runs.is_fold_run(train):
-        raise ValueError(f"run {cfg.train_run_id} is a fold run; give its train_cv parent run")
+        raise ConfigError(f"run {cfg.train_run_id} is a fold run; give its train_cv parent run")
     threshold = choose_threshold(cfg.threshold, cfg.train_run_id)
     tags = {keys.TEST_SET: test.name, keys.BACKBONE: train.data.tags.get(keys.BACKBONE, ""),
             keys.REGIME: train.data.tags.get(keys.REGIME, "")}
@@ -162,6 +162,9 @@ def run_evaluate(cfg: EvaluateConfig) -> str:
     with step_run(keys.EVALUATE, cfg.profile, run_name=name, tags=tags) as run:
         log_params({**as_params(cfg, identity_only=True), keys.P_TEST_DIGEST: test.digest})
         log_store(test, "test")
+        # the training row's CV summary beside its test metrics: the evaluate runs alone then compare
+        # regimes in the MLflow UI (filter tags.step = 'evaluate'; README "Results in the MLflow UI")
+        mlflow.log_metrics({k: train.data.metrics[k] for k in keys.CV_SUMMARY if k in train.data.metrics})
         with tempfile.TemporaryDirectory() as tmp:
             overlap = find_test_overlap(cfg.train_run_id, test, cfg.allow_overlap)
             mlflow.log_metrics({keys.P_THRESHOLD: threshold, keys.N_OVERLAP: float(overlap["id_b"].nunique())})

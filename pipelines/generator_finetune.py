@@ -19,6 +19,7 @@ import mlflow
 import numpy as np
 
 from analysis import keys
+from data_tools.errors import ConfigError
 from data_tools.folds import select_folds
 from data_tools.params import param
 from data_tools.provenance import LeakageError, fold_train_ids, ids_digest
@@ -87,7 +88,8 @@ def finetune_fold(cfg: GeneratorFinetuneConfig, store: Store, k: int, pretrained
     digest = ids_digest(ids)
     workdir = Path(cfg.work_dir) / ("finetune-" + cfg.fingerprint(
         data=store.digest, fold=k, train_ids=digest, init=cfg.pretrain_run_id))
-    with step_run(keys.GENERATOR_FINETUNE, cfg.profile, run_name=f"fold {k}", tags={keys.FOLD: str(k)}, nested=True):
+    with step_run(keys.GENERATOR_FINETUNE, cfg.profile, run_name=f"fold {k}", tags={keys.FOLD: str(k)}, nested=True,
+                  system_metrics=True):
         log_params({**as_params(cfg, identity_only=True), keys.FOLD: k, keys.P_TRAIN_IDS_DIGEST: digest,
                     keys.P_N_TRAIN: len(ids)})
         gen = fit_generator(store.images[rows], store.index["label"].to_numpy()[rows], cfg, workdir, device=device,
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> str:
         pretrained = Generator.load(pretrained_dir, device)
         made = pretrained.meta.get("arch", "tiny")
         if made != cfg.arch:
-            raise ValueError(f"arch={cfg.arch!r}, but pretraining run {cfg.pretrain_run_id} made a {made!r} "
+            raise ConfigError(f"arch={cfg.arch!r}, but pretraining run {cfg.pretrain_run_id} made a {made!r} "
                              f"generator: pass arch={made}")
         encoded = encoded_cv_pool(pretrained, store, device) if cfg.vae_epochs == 0 else None
         workdirs = [finetune_fold(cfg, store, k, pretrained, device, encoded) for k in folds]

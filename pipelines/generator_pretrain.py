@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> str:
     device = resolve_device(cfg.device)
     workdir = Path(cfg.work_dir) / f"pretrain-{cfg.fingerprint(data=store.digest)}"
     ids = store.index["sample_id"].astype(str).tolist()
-    with step_run(keys.GENERATOR_PRETRAIN, cfg.profile, run_name=f"pretrain {store.name}") as run:
+    with step_run(keys.GENERATOR_PRETRAIN, cfg.profile, run_name=f"pretrain {store.name}",
+                  system_metrics=True) as run:
         log_params({**as_params(cfg), keys.P_DATA_PATH: str(store.path.resolve()), keys.P_N_TRAIN: len(store)})
         log_store(store, "training")
         gen = fit_generator(store.images, None, cfg, workdir, device=device, on_epoch=epoch_logger())

@@ -1,41 +1,48 @@
-"""main: the whole workflow for a profile, each step an `mlflow run` child of one workflow run.
+"""main: the whole workflow for a profile, each step a child process with its own run, linked to one workflow run.
 
 prepare_data -> generator_pretrain -> generator_finetune -> synthesize -> train_cv for
 every backbone x regime -> evaluate -> report. A step whose finished run has the same
 parameters, code version and data digest is reused, not run again, so a workflow killed
 halfway and started again goes on where it stopped. Steps that do not depend on each other
 (the stores; the generator chain beside real-only training) run side by side, `jobs` at a time,
-each with its share of the cores.
+each with its share of the cores. The console shows a line per step (its headline result) and
+one status line; each step's own output goes to `logs/workflow-<id>/<step>.log`, also logged
+with the step's run.
 """
 from __future__ import annotations
 
 import os
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from analysis import keys
-from data_tools.store import open_store
+from data_tools.errors import UserError
 from data_tools.params import param
-from pipelines.common import ROOT, cli_step, code_version, step_run
+from data_tools.store import open_store
+from pipelines.common import cli_step, code_version, step_run
 from pipelines.config import StepConfig, build, from_cli
+from pipelines.console import Console
 from pipelines.generator_pretrain import GeneratorPretrainConfig
+from pipelines.launch import LOGS_DIR, launch
 from pipelines.prepare_data import PrepareDataConfig
 
 
 @dataclass
 class Workflow:
-    """Runs steps as `mlflow run` children of one workflow run, reusing finished ones."""
+    """Runs steps as child processes with their own runs, linked to one workflow run, reusing
+    finished ones; each step's output goes to its log file, the console gets a line per step."""
     profile: str
     parent_run_id: str
     experiment_id: str
-    env_manager: str = "local"
     client: MlflowClient = field(default_factory=MlflowClient)
+    console: Console | None = None
+    logs: Path = Path(LOGS_DIR)
     timings: dict[str, float] = field(default_factory=dict)
 
     def finished_run(self, step: str, params: dict[str, str], data: str | None) -> str | None:
@@ -52,25 +59,57 @@ class Workflow:
                 return run.info.run_id
         return None
 
-    def step(self, step: str, data: str | None = None, **params: str) -> str:
+    def step(self, step: str, data: str | None = None, label: str | None = None, **params: str) -> str:
         """Run one entry point (or reuse its finished run); returns the run id."""
         params = {"profile": self.profile, **({"data": data} if data else {}),
                   **{k: str(v) for k, v in params.items() if v not in (None, "")}}
-        label = f"{step}({', '.join(f'{k}={v}' for k, v in params.items() if k != 'profile')})"
+        label = label or step
+        console = self.console or Console(0)
         reused = self.finished_run(step, params, data)
         if reused:
-            print(f"[main] reuse {label}: run {reused}")
+            console.reuse(label, reused)
             return reused
-        print(f"[main] run {label}", flush=True)
+        log = self.logs / f"{label.replace(' ', '_').replace('/', '-')}.log"
+        console.start(label, log)
         start = time.time()
-        submitted = mlflow.projects.run(str(ROOT), entry_point=step, parameters=params, experiment_id=self.experiment_id,
-                                        env_manager=self.env_manager, synchronous=True)
-        self.client.set_tag(submitted.run_id, keys.PARENT_RUN, self.parent_run_id)
-        self.client.set_tag(submitted.run_id, keys.WORKFLOW_RUN, self.parent_run_id)
-        self.timings[step] = self.timings.get(step, 0.0) + time.time() - start
-        if self.client.get_run(submitted.run_id).info.status != RunStatus.to_string(RunStatus.FINISHED):
-            raise RuntimeError(f"step {label} did not finish (run {submitted.run_id})")
-        return submitted.run_id
+        run_id, code = launch(self.client, self.experiment_id, step, params, {keys.WORKFLOW_RUN: self.parent_run_id},
+                              log)
+        seconds = time.time() - start
+        self.timings[step] = self.timings.get(step, 0.0) + seconds
+        if code != 0:
+            console.fail(label, log, run_id)
+            raise StepFailed(f"step {label} failed (run {run_id}); its log: {log}")
+        console.finish(label, headline(self.client, self.client.get_run(run_id)), seconds)
+        return run_id
+
+
+class StepFailed(UserError):
+    """A step of the workflow ended with an error (its log names it)."""
+
+
+def headline(client: MlflowClient, run) -> str:
+    """The one result a person looks for when a step ends."""
+    m, step = run.data.metrics, run.data.tags.get(keys.STEP)
+    if step == keys.GENERATOR_FINETUNE:  # its numbers are on the fold runs
+        folds = client.search_runs([run.info.experiment_id], f"tags.`{keys.PARENT_RUN}` = '{run.info.run_id}'")
+        losses = [f.data.metrics[keys.DIT_LOSS] for f in folds if keys.DIT_LOSS in f.data.metrics]
+        return f"{len(folds)} fold generators" + (f", mean DiT loss {sum(losses) / len(losses):.4f}" if losses else "")
+    pct = lambda name: f"{100 * m[name]:.1f}"  # noqa: E731
+    if step == keys.TRAIN_CV and keys.CV_AUROC_MEAN in m:
+        return f"CV AUROC {pct(keys.CV_AUROC_MEAN)} ± {pct(keys.CV_AUROC_STD)}, BA {pct(keys.CV_BA_MEAN)}"
+    test = {n: keys.TEST_PREFIX + n for n in ("auroc", "ba")}
+    if step == keys.EVALUATE and test["auroc"] in m:
+        return f"test AUROC {pct(test['auroc'])}, BA {pct(test['ba'])} on {run.data.tags.get(keys.TEST_SET, 'the test set')}"
+    if step == keys.PREPARE_DATA and keys.N_IMAGES in m:
+        return f"{int(m[keys.N_IMAGES])} crops"
+    if step == keys.GENERATOR_PRETRAIN and keys.DIT_LOSS in m:
+        return f"DiT loss {m[keys.DIT_LOSS]:.4f}"
+    kid = keys.quality_metric(keys.KID, "atypical")
+    if step == keys.SYNTHESIZE and kid in m:
+        return f"KID (atypical) {m[kid]:.4f}"
+    if step == keys.REPORT and keys.SELECTED_ROW in run.data.tags:
+        return f"tables written; submission: {run.data.tags[keys.SELECTED_ROW]}"
+    return "finished"
 
 
 def threads_per_step(jobs: int) -> None:
@@ -110,15 +149,17 @@ def prepare_stores(flow: Workflow, pool: ThreadPoolExecutor, cfg: MainConfig) ->
     todo = []
     if not data:
         data = str(stores / (prep.source + ("_lodo" if prep.split == keys.LODO else "")))
-        todo.append(pool.submit(flow.step, keys.PREPARE_DATA, source=prep.source, root=prep.root, out=data,
-                                overwrite="true"))
+        todo.append(pool.submit(flow.step, keys.PREPARE_DATA, label=f"prepare_data {Path(data).name}",
+                                source=prep.source, root=prep.root, out=data, overwrite="true"))
     if not test_data and demo:  # a held-out demo set: other seed, no CV pool
         test_data = str(stores / "demo_test")
-        todo.append(pool.submit(flow.step, keys.PREPARE_DATA, source="demo", out=test_data, folds="0", split="group",
+        todo.append(pool.submit(flow.step, keys.PREPARE_DATA, label="prepare_data demo_test", source="demo",
+                                out=test_data, folds="0", split="group",
                                 overwrite="true", seed=str(prep.seed + 1), size=str(cfg.test_size)))
     if not gen_pool and demo:  # pretraining never sees the CV pool: a pool of its own
         gen_pool = str(stores / "demo_pool")
-        todo.append(pool.submit(flow.step, keys.PREPARE_DATA, source="demo", out=gen_pool, folds="0", split="group",
+        todo.append(pool.submit(flow.step, keys.PREPARE_DATA, label="prepare_data demo_pool", source="demo",
+                                out=gen_pool, folds="0", split="group",
                                 overwrite="true", seed=str(prep.seed + 2), size=str(cfg.pool_size)))
     for done in todo:
         done.result()
@@ -138,9 +179,33 @@ def generator(flow: Workflow, gen_pool: str, data: str) -> str:
 
 def classifier(flow: Workflow, data: str, test_data: str, backbone: str, regime: str, synth: str = "") -> None:
     """train_cv for one backbone x regime, then its evaluation on the test store."""
-    train = flow.step(keys.TRAIN_CV, data=data, backbone=backbone, regime=regime, synth_run_id=synth)
+    row = f"{backbone}/{regime}"
+    train = flow.step(keys.TRAIN_CV, data=data, label=f"train_cv {row}", backbone=backbone, regime=regime,
+                      synth_run_id=synth)
     if test_data:
-        flow.step(keys.EVALUATE, train_run_id=train, test_data=test_data)
+        flow.step(keys.EVALUATE, label=f"evaluate {row}", train_run_id=train, test_data=test_data)
+
+
+def planned_steps(cfg: MainConfig) -> int:
+    """How many steps the workflow runs (or reuses): stores, generator chain, rows, evaluations, report."""
+    demo = build(PrepareDataConfig, cfg.profile, source=cfg.source, root=cfg.root).source == "demo"
+    rows = 2 * len(cfg.backbones.split(","))
+    stores = (not cfg.data) + (demo and not cfg.test_data) + (demo and not cfg.pool)
+    return stores + 3 + rows + (rows if cfg.test_data or demo else 0) + 1
+
+
+def comparison_url(ui: str, experiment_id: str) -> str:
+    """The MLflow UI's runs table of the evaluate runs (one per backbone x regime x test set, each with
+    its row's CV summary and its test metrics), best test BA first."""
+    query = urllib.parse.urlencode({"searchFilter": f"tags.{keys.STEP} = '{keys.EVALUATE}'",
+                                    "orderByKey": f"metrics.`{keys.TEST_PREFIX}ba`", "orderByAsc": "false"})
+    return f"{ui}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def print_report(client: MlflowClient, report_run_id: str) -> None:
+    """The report step's tables, on main's console (the step's own output is in its log)."""
+    path = client.download_artifacts(report_run_id, keys.REPORT_MD)
+    print("\n" + Path(path).read_text())
 
 
 @cli_step(keys.MAIN)
@@ -150,8 +215,13 @@ def main(argv: list[str] | None = None) -> str:
         cfg.profile = str(Path(cfg.profile).resolve())
     threads_per_step(cfg.jobs)
     started = time.time()
-    with step_run(keys.MAIN, cfg.profile, run_name=f"workflow {cfg.profile}") as run:
-        flow = Workflow(cfg.profile, run.info.run_id, run.info.experiment_id)
+    with step_run(keys.MAIN, cfg.profile, run_name=f"workflow {cfg.profile}") as run, \
+            Console(planned_steps(cfg)) as console:
+        logs = Path(LOGS_DIR) / f"workflow-{run.info.run_id[:8]}"
+        flow = Workflow(cfg.profile, run.info.run_id, run.info.experiment_id, console=console, logs=logs)
+        experiment = flow.client.get_experiment(run.info.experiment_id).name
+        console.line(f"[main] workflow {run.info.run_id} ({console.total} steps) in experiment {experiment!r}; "
+                     f"each step's output: {logs}/")
         mlflow.log_param(keys.P_JOBS, cfg.jobs)
         with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:
             try:
@@ -167,11 +237,14 @@ def main(argv: list[str] | None = None) -> str:
             except BaseException:  # a failed step: what has not started never starts; running steps finish
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
-        flow.step(keys.REPORT)
+        report = flow.step(keys.REPORT)
         mlflow.log_metrics({keys.seconds_metric(k): v for k, v in flow.timings.items()})
         mlflow.log_metric(keys.SECONDS_TOTAL, time.time() - started)
+    print_report(flow.client, report)
     print(f"[main] workflow finished in {time.time() - started:.0f} s. Open the results with:\n"
-          f"  mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}  # then http://127.0.0.1:5000")
+          f"  mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}\n"
+          f"and the regimes side by side (Columns: {keys.CV_AUROC_MEAN}, {keys.CV_AUROC_STD}, {keys.TEST_PREFIX}ba; "
+          f"Group by: {keys.BACKBONE}, {keys.REGIME}):\n  {comparison_url('http://127.0.0.1:5000', run.info.experiment_id)}")
     return run.info.run_id
 
 

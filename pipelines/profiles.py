@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from analysis import keys
+from data_tools.errors import ConfigError
 from data_tools.inputs import PLATFORM_INPUT, PLATFORM_OUTPUT
 
 # the paper's slide-grouped 5-fold CV; profiles/domain.yaml leaves one domain out instead
@@ -106,11 +107,11 @@ def _load(profile: str) -> tuple[str, dict[str, dict[str, Any]]]:
         return profile, PROFILES[profile]
     path = Path(profile)
     if not path.is_file():
-        raise ValueError(f"unknown profile {profile!r}: neither one of {sorted(PROFILES)} nor a YAML file")
+        raise ConfigError(f"unknown profile {profile!r}: neither one of {sorted(PROFILES)} nor a YAML file")
     spec = yaml.safe_load(path.read_text()) or {}
     base = spec.pop("base", "demo")
     if base not in PROFILES:
-        raise ValueError(f"{path}: base must be one of {sorted(PROFILES)}, got {base!r}")
+        raise ConfigError(f"{path}: base must be one of {sorted(PROFILES)}, got {base!r}")
     steps = {step: {**PROFILES[base].get(step, {}), **(spec.get(step) or {})} for step in {*PROFILES[base], *spec}}
     return base, steps
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from analysis import keys
@@ -46,6 +47,13 @@ class Report:
     def section(self, title: str, text: str) -> None:
         self.parts.append(f"## {title}\n\n{text}\n")
         print(f"\n== {title} ==\n{text}")
+
+    def table(self, df: pd.DataFrame, stem: str, caption: str) -> None:
+        """The table as files (md, csv, tex) and as an MLflow table: the UI's artifact view shows
+        it, and the same file in two report runs can be compared."""
+        write_table(df, self.out, stem, caption)
+        if mlflow.active_run():
+            mlflow.log_table(df.reset_index(), f"{keys.TABLES_DIR}/{stem}.json")
 
     def skip(self, section: str, reasons: list[str]) -> None:
         self.skipped += [f"{section}: {r}" for r in reasons]
@@ -89,7 +97,7 @@ def _predictions(rows: list[TrainRow], evals: dict[str, EvalRun] | None, report:
 def table1_section(rows: list[TrainRow], report: Report) -> None:
     t1 = table1(rows)
     caption = CAPTION1.format(k=sum(c.startswith("F") for c in t1.columns))
-    write_table(t1, report.out, keys.TABLE1, caption)
+    report.table(t1, keys.TABLE1, caption)
     report.section("Table 1", f"{caption}\n\n{to_markdown(t1)}")
     plot_fold_aurocs(t1, report.out / keys.FIG_FOLD_AUROC)
 
@@ -103,11 +111,11 @@ def table2_sections(rows: list[TrainRow], evals_by_set: dict[str, dict[str, Eval
         if not len(t2):
             continue
         caption = f"{CAPTION2}, test set {name}."
-        write_table(t2, report.out, stem, caption)
+        report.table(t2, stem, caption)
         text = f"{caption}\n\n{to_markdown(t2)}"
         per_domain = table2_domains(rows, evals, "ba")
         if len(per_domain) and len(per_domain.columns) > 3:
-            write_table(per_domain, report.out, f"{stem}_domains_ba", f"Balanced accuracy (%) per domain, {name}")
+            report.table(per_domain, f"{stem}_domains_ba", f"Balanced accuracy (%) per domain, {name}")
             text += f"\nBalanced accuracy (%) per domain:\n\n{to_markdown(per_domain)}"
         report.section(f"Table 2 ({name})", text)
 
@@ -118,7 +126,7 @@ def domain_sections(rows: list[TrainRow], report: Report) -> None:
         table = domain_table(rows, metric)
         at = " at threshold 0.5 (the fold runs' best_val_ba; evaluate tunes the threshold)" if metric == "ba" else ""
         caption = f"{name} (%){at} on each held-out domain (leave one domain out), per backbone and regime."
-        write_table(table, report.out, f"{keys.TABLE1_DOMAINS}_{metric}", caption)
+        report.table(table, f"{keys.TABLE1_DOMAINS}_{metric}", caption)
         report.section(f"Table 1, leave one domain out ({name.lower() if metric == 'ba' else name})", f"{caption}\n\n{to_markdown(table)}")
 
 
@@ -146,7 +154,7 @@ def comparison_section(rows: list[TrainRow], n_boot: int, report: Report, lodo: 
         return
     comparison = comparison_table(records)
     stem = keys.COMPARISON + ("_lodo" if lodo else "")
-    write_table(comparison, report.out, stem, "Synthetic balancing minus real only")
+    report.table(comparison, stem, "Synthetic balancing minus real only")
     (report.out / f"{stem}.json").write_text(json.dumps(records, indent=1))
     paired = "held-out domains (one fold each)" if lodo else "folds"
     report.section(title, (

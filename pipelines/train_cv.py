@@ -28,12 +28,14 @@ from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from analysis import keys, runs
+from data_tools.errors import ConfigError
 from data_tools.folds import fold_domains, select_folds
 from data_tools.params import param
 from data_tools.store import Store, open_store
 from models.metrics import mean_and_population_sd
 from models.training import FoldResult, TrainConfig, train_fold
-from pipelines.common import cli_step, code_version, log_params, log_store, shared_write
+from pipelines.common import (cli_step, code_version, log_params, log_store, mark_training_experiment, shared_write,
+                              step_description)
 from pipelines.config import StepConfig, as_params, from_cli, identity
 from pipelines.joining import open_parent
 
@@ -62,16 +64,16 @@ def synthetic_stores(cfg: TrainCVConfig, real: Store, folds: list[int]) -> dict[
 
     if cfg.regime == keys.REAL_ONLY:
         if cfg.synth_run_id:
-            raise ValueError("synth_run_id is only used with regime=synth_balanced")
+            raise ConfigError("synth_run_id is only used with regime=synth_balanced")
         return {}
     if not cfg.synth_run_id:
-        raise ValueError("regime=synth_balanced needs synth_run_id (a finished synthesize run)")
+        raise ConfigError("regime=synth_balanced needs synth_run_id (a finished synthesize run)")
     params = runs.get_run(MlflowClient(), cfg.synth_run_id, keys.SYNTHESIZE).data.params
     stores = {}
     for k in folds:
         path = params.get(keys.synth_store_param(k))
         if not path:
-            raise ValueError(f"synthesize run {cfg.synth_run_id} has no store for fold {k} "
+            raise ConfigError(f"synthesize run {cfg.synth_run_id} has no store for fold {k} "
                              f"(param {keys.synth_store_param(k)}); it made folds "
                              f"{sorted(p for p in params if p.startswith(keys.synth_store_param('')))}")
         stores[k] = open_store(path)
@@ -140,7 +142,7 @@ def run_fold(cfg: TrainCVConfig, store: Store, k: int, synthetic: Store | None, 
     tags = {keys.STEP: keys.TRAIN_CV, keys.PROFILE: cfg.profile, keys.BACKBONE: cfg.backbone,
             keys.REGIME: cfg.regime, keys.FOLD: str(k), keys.CODE_VERSION: code_version(), keys.DEVICE: cfg.device}
     with mlflow.start_run(run_id=resume_run_id, run_name=f"fold {k}", parent_run_id=parent_id, nested=True,
-                          tags=tags) as run:
+                          tags=tags, log_system_metrics=True) as run:
         mlflow.set_tag(keys.DATASET_DIGEST, store.digest)
         if synthetic is not None:
             log_store(synthetic, "synthetic")
@@ -193,9 +195,11 @@ def run_train_cv(cfg: TrainCVConfig) -> str:
     nested = mlflow.active_run() is not None and mlflow.active_run().info.run_id != parent_id
     tags = {keys.STEP: keys.TRAIN_CV, keys.PROFILE: cfg.profile, keys.CODE_VERSION: code_version(),
             keys.BACKBONE: cfg.backbone, keys.REGIME: cfg.regime, keys.TRAIN_CV_KEY: key,
-            keys.DATA_PATH: str(Path(cfg.data).resolve()), "mlflow.runName": run_name(cfg)}
-    with mlflow.start_run(run_id=parent_id, nested=nested):
+            keys.DATA_PATH: str(Path(cfg.data).resolve()), "mlflow.runName": run_name(cfg),
+            keys.DESCRIPTION: step_description(keys.TRAIN_CV, cfg.profile)}
+    with mlflow.start_run(run_id=parent_id, nested=nested) as parent:
         shared_write(lambda: mlflow.set_tags(tags))
+        mark_training_experiment(parent.info.experiment_id)
         log_params(params)
         if client.get_run(parent_id).data.tags.get(keys.DATASET_DIGEST) != store.digest:
             log_store(store, "training")

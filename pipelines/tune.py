@@ -30,6 +30,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from analysis import keys
+from analysis.plots import plot_study
 from data_tools.folds import select_folds
 from data_tools.params import param
 from data_tools.store import Store, open_store
@@ -197,9 +198,13 @@ def main(argv: list[str] | None = None) -> optuna.Study:
         mlflow.log_metrics({keys.BEST_VALUE: best.value, keys.BEST_LR: best.params["lr"],
                             keys.N_TRIALS_DONE: finished_trials(study)})
         mlflow.set_tags({keys.BEST_PARAMS: json.dumps(best.params), keys.BEST_TRIAL: str(best.number)})
+        with tempfile.TemporaryDirectory() as tmp:
+            plot_study(study, tmp)
+            mlflow.log_artifacts(tmp, keys.STUDY_FIGURES_DIR)
     print(f"study {cfg.study_name}: {finished_trials(study)} trials; best mean val AUROC {best.value:.4f} "
           f"at lr {best.params['lr']:.3g} (trial {best.number})")
-    print(f"watch it: optuna-dashboard {'' if '://' in cfg.storage else 'journal:///'}{cfg.storage}")
+    print(f"figures: the run's {keys.STUDY_FIGURES_DIR}/; live: pip install optuna-dashboard && "
+          f"optuna-dashboard {cfg.storage}")
     return study
 
 

@@ -3,6 +3,7 @@ with only lr changed), resumable; workers never repeat each other's learning rat
 import mlflow
 import optuna
 import pytest
+from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from analysis import keys
@@ -49,6 +50,10 @@ def test_two_workers_share_a_journal_study_and_it_resumes(tracking, tiny_store, 
         assert (r.data.params[keys.P_AUGMENT], r.data.params[keys.P_PRETRAINED]) == ("flips", "none")
     assert study_run.data.metrics["best_value"] == pytest.approx(study.best_value)
     assert study_run.data.metrics["best_lr"] == pytest.approx(study.best_params["lr"])
+    figures = {f.path for f in MlflowClient().list_artifacts(study_run.info.run_id, keys.STUDY_FIGURES_DIR)}
+    assert figures == {f"{keys.STUDY_FIGURES_DIR}/optuna_history.png", f"{keys.STUDY_FIGURES_DIR}/optuna_slice_lr.png"}
+    assert study_run.data.tags[keys.DESCRIPTION].startswith("tune: ")
+    _dashboard_lists(journal, "lr-test", len(trials))
 
     # the same command with more trials extends the same study and the same study run
     study = tune.main(_args(tiny_store, journal, n_trials=len(trials) + 1, n_workers=1))
@@ -59,6 +64,26 @@ def test_two_workers_share_a_journal_study_and_it_resumes(tracking, tiny_store, 
                               output_format="list")
     assert [r.info.run_id for r in runs] == [study_run.info.run_id]
     assert mlflow.get_run(study_run.info.run_id).data.metrics["n_trials_done"] == len(trials) + 1
+
+
+def _dashboard_lists(journal, study_name: str, n_trials: int) -> None:
+    """`optuna-dashboard <journal file>` as the README says: its app reads the study from the file."""
+    import io
+    import json
+
+    from optuna_dashboard import wsgi
+    app = wsgi(str(journal))
+
+    def get(path: str) -> dict:
+        status = []
+        body = b"".join(app({"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": "", "SERVER_NAME": "x",
+                             "SERVER_PORT": "80", "wsgi.input": io.BytesIO(), "wsgi.errors": io.StringIO(),
+                             "wsgi.url_scheme": "http"}, lambda s, h, e=None: status.append(s)))
+        assert status == ["200 OK"], (path, status, body[:300])
+        return json.loads(body)
+    [study] = get("/api/studies")["study_summaries"]
+    assert study["study_name"] == study_name
+    assert len(get(f"/api/studies/{study['study_id']}")["trials"]) == n_trials
 
 
 def _cheap_study(storage, seed: int, n: int) -> list[float]:

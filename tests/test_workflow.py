@@ -1,6 +1,8 @@
 """The whole workflow (`main`) end to end on a small profile, then `mlflow ui` over REST."""
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -11,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis import keys
 from pipelines.common import code_version
-from pipelines.main import Workflow
+from pipelines.main import Workflow, comparison_url
 from services import mlflow_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,31 +36,46 @@ def workflow(tmp_path_factory):
     (tmp / "small.yaml").write_text(SMALL)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "OMP_NUM_THREADS": "1"}  # tiny models: one thread each (see conftest.one_torch_thread)
+           "OMP_NUM_THREADS": "1",  # tiny models: one thread each (see conftest.one_torch_thread)
+           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}  # steps of seconds: sample every second, not every 10
     for leaked in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):  # set by other tests' runs
         env.pop(leaked, None)
 
-    def run():
+    def run(*extra: str):
         return subprocess.run([sys.executable, "-m", "pipelines.main", "--profile", str(tmp / "small.yaml"),
-                               "--stores", str(tmp / "stores")], cwd=tmp, env=env, capture_output=True, text=True,
+                               "--stores", str(tmp / "stores"), *extra], cwd=tmp, env=env, capture_output=True, text=True,
                               timeout=1200)
     first = run()
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     return tmp, uri, first, run
 
 
-def test_main_runs_every_step_and_prints_the_tables(workflow):
+def _experiment(client: MlflowClient) -> str:
+    """main started from the command line logs to the project's named experiment, not "Default"."""
+    return client.get_experiment_by_name(keys.DEFAULT_EXPERIMENT).experiment_id
+
+
+def test_main_runs_every_step_and_prints_a_readable_console(workflow):
     tmp, uri, first, _ = workflow
     out = first.stdout
     assert "Table 1" in out and "Table 2" in out and "mlflow ui" in out
+    # piped to a file: whole lines only, no progress-bar frames, one start and one end line per step
+    assert "\r" not in out and max(map(len, out.splitlines())) <= 300, max(out.splitlines(), key=len)
+    assert out.count(": started (log ") == 15
+    assert "[main] train_cv convnext/real_only: CV AUROC " in out and "[main] evaluate lunit/synth_balanced: test AUROC " in out
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("Default").experiment_id
+    exp = _experiment(client)
     [flow] = client.search_runs([exp], f"tags.step = '{keys.MAIN}'")
     steps = client.search_runs([exp], f"tags.`{keys.WORKFLOW_RUN}` = '{flow.info.run_id}'")
     counts = {}
     for r in steps:
         counts[r.data.tags[keys.STEP]] = counts.get(r.data.tags[keys.STEP], 0) + 1
-        assert r.data.tags["mlflow.parentRunId"] == flow.info.run_id
+        assert keys.PARENT_RUN not in r.data.tags  # top-level rows in the UI, linked to the workflow by a tag
+        assert r.data.tags[keys.DESCRIPTION].startswith(r.data.tags[keys.STEP] + ": ")
+        [log] = client.list_artifacts(r.info.run_id, "logs")  # the step's own output, with its progress bars
+        assert log.file_size > 0
+    [pretrain] = [r for r in steps if r.data.tags[keys.STEP] == keys.GENERATOR_PRETRAIN]
+    assert any(m.startswith("system/cpu_utilization") for m in pretrain.data.metrics)  # MLflow's system metrics
     assert counts == {keys.PREPARE_DATA: 3, keys.GENERATOR_PRETRAIN: 1, keys.GENERATOR_FINETUNE: 1,
                       keys.SYNTHESIZE: 1, keys.TRAIN_CV: 4, keys.EVALUATE: 4, keys.REPORT: 1}
     version = client.get_model_version_by_alias(keys.MODEL_NAME, keys.SUBMISSION_ALIAS)
@@ -71,7 +88,7 @@ def test_real_only_training_runs_beside_the_generator(workflow):
     training waits for the synthetic stores; report comes last."""
     tmp, uri, _, _ = workflow
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("Default").experiment_id
+    exp = _experiment(client)
     [flow] = client.search_runs([exp], f"tags.step = '{keys.MAIN}'", order_by=["attributes.start_time ASC"],
                                 max_results=1)
     steps = client.search_runs([exp], f"tags.`{keys.WORKFLOW_RUN}` = '{flow.info.run_id}'")
@@ -89,18 +106,30 @@ def test_real_only_training_runs_beside_the_generator(workflow):
 def test_a_second_main_reuses_every_finished_step(workflow):
     tmp, uri, _, run = workflow
     client = MlflowClient(uri)
-    before = len(client.search_runs([client.get_experiment_by_name("Default").experiment_id], "", max_results=1000))
+    before = len(client.search_runs([_experiment(client)], "", max_results=1000))
     again = run()
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("[main] reuse") == 15 and "[main] run " not in again.stdout
-    after = client.search_runs([client.get_experiment_by_name("Default").experiment_id], "", max_results=1000)
+    after = client.search_runs([_experiment(client)], "", max_results=1000)
     assert len(after) == before + 1  # only the new workflow run itself
+
+
+def test_a_failing_step_names_its_log_and_shows_its_last_lines(workflow):
+    tmp, _, _, run = workflow
+    failed = run("--test_data", str(tmp / "no_such_store"))  # every other step is reused
+    assert failed.returncode == 1 and "Traceback" not in failed.stdout + failed.stderr
+    out = failed.stdout
+    assert "FAILED (run " in out and "; its log: " in out and "last lines:" in out
+    log = Path(out.split("; its log: ")[1].split(";")[0])
+    assert (tmp / log).is_file() and "no_such_store" in (tmp / log).read_text()
+    assert "no_such_store" in out.split("last lines:")[1]  # the step's own error, shown on main's console
+    assert failed.stderr.strip().splitlines()[-1].startswith("main: step evaluate ")
 
 
 def test_mlflow_ui_shows_every_backbone_and_regime(workflow):
     tmp, uri, _, _ = workflow
     with mlflow_server(uri, tmp / "unused", ui=True) as url:
-        body = json.dumps({"experiment_ids": ["0"], "filter": f"tags.step = '{keys.TRAIN_CV}'",
+        body = json.dumps({"experiment_ids": [_experiment(MlflowClient(uri))], "filter": f"tags.step = '{keys.TRAIN_CV}'",
                            "max_results": 100}).encode()
         req = urllib.request.Request(url + "/api/2.0/mlflow/runs/search", data=body,
                                      headers={"Content-Type": "application/json"})
@@ -135,3 +164,68 @@ def test_a_step_is_reused_only_with_the_same_params_code_and_data(tracking, demo
     client.set_tag(done, keys.DATASET_DIGEST, demo_store.digest)
     client.set_tag(done, keys.CODE_VERSION, "other code")
     assert flow.finished_run(keys.TRAIN_CV, {"profile": "demo", "epochs": "1"}, data) is None
+
+
+def _chromium() -> str:
+    """A headless Chromium for the browser test (CI installs Debian's package), or skip."""
+    pytest.importorskip("playwright.sync_api", reason="playwright not installed")
+    found = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", shutil.which("chromium") or "")
+                  if p and Path(p).is_file()), None)
+    if not found:
+        pytest.skip("no headless Chromium (apt-get install chromium)")
+    return found
+
+
+def _tick_column(page, name: str) -> None:
+    """Columns menu: search a column and tick its box (the tree re-renders while the search applies)."""
+    page.get_by_placeholder("Search columns").fill(name)
+    node = page.locator("[data-component-type=popover] .du-bois-light-tree-treenode").filter(
+        has=page.locator(".du-bois-light-tree-title", has_text=re.compile(f"^{re.escape(name)}$")))
+    for _ in range(5):
+        page.wait_for_timeout(400)
+        if "checkbox-checked" in (node.get_attribute("class") or ""):
+            return
+        node.locator(".du-bois-light-tree-checkbox").click()
+    raise AssertionError(f"column {name} could not be ticked")
+
+
+def test_the_regime_comparison_in_a_real_browser(workflow):
+    """The README's view: the evaluate rows (one per backbone x regime) with cv_auroc_mean,
+    cv_auroc_std and test_ba, grouped by backbone and regime; then the report's Table 1."""
+    from playwright.sync_api import sync_playwright
+    chromium = _chromium()
+    tmp, uri, _, _ = workflow
+    client = MlflowClient(uri)
+    exp = _experiment(client)
+    [report] = client.search_runs([exp], f"tags.step = '{keys.REPORT}'", max_results=1)
+    shots = ROOT / "test-artifacts"
+    shots.mkdir(exist_ok=True)
+    with mlflow_server(uri, tmp / "unused", ui=True) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 2600, "height": 900})  # wide: the grid renders visible columns only
+        page.goto(url)
+        page.get_by_text(keys.DEFAULT_EXPERIMENT).first.wait_for(timeout=60_000)  # the named experiment, not "Default"
+        page.goto(comparison_url(url, exp))
+        for row in ("convnext / real_only", "convnext / synth_balanced", "lunit / real_only", "lunit / synth_balanced"):
+            page.get_by_text(f"evaluate {row} on demo_test").wait_for(timeout=60_000)
+        page.locator("button", has_text=re.compile(r"^\s*Columns\s*$")).click()
+        for name in (keys.CV_AUROC_MEAN, keys.CV_AUROC_STD, "test_ba"):
+            _tick_column(page, name)
+        page.keyboard.press("Escape")
+        for tag in (keys.REGIME, keys.BACKBONE):
+            page.locator("button", has_text=re.compile(r"^\s*Group by")).click()
+            page.get_by_text(tag, exact=True).last.click()
+            page.wait_for_timeout(500)
+            page.keyboard.press("Escape")
+        text = " ".join(page.inner_text("body").split())
+        for name in (keys.CV_AUROC_MEAN, keys.CV_AUROC_STD, "test_ba"):
+            assert name in text
+        [row] = client.search_runs([exp], f"tags.step = '{keys.EVALUATE}' and tags.backbone = 'convnext' "
+                                          f"and tags.regime = 'real_only'")
+        assert str(row.data.metrics[keys.CV_AUROC_MEAN])[:6] in text  # the value, in its column
+        assert "Group: regime: real_only, backbone: convnext" in text
+        page.screenshot(path=str(shots / "mlflow_ui_regimes.png"), full_page=True)
+        page.goto(f"{url}/#/experiments/{exp}/runs/{report.info.run_id}/artifacts/{keys.TABLE1}.md")
+        page.get_by_text("demo ConvNeXt-Atto-shaped (real)").first.wait_for(timeout=60_000)
+        page.screenshot(path=str(shots / "mlflow_ui_table1.png"), full_page=True)
+        browser.close()
