@@ -47,6 +47,10 @@ SIGNATURE = ModelSignature(
 )
 
 
+class ModelError(UserError, LookupError):
+    """`predict`'s model is not there or is not this project's ensemble."""
+
+
 class OutputError(UserError, ValueError):
     """The predictions cannot be written where asked (format, folder, permissions)."""
 
@@ -234,11 +238,11 @@ def load_predictor(model: str, device: str = "auto", threshold: float | None = N
         t = threshold if threshold is not None else (found if found is not None else DEFAULT_THRESHOLD)
         return Predictor(ensemble, float(t), f"train_cv run {model}")
     if "://" not in model and ":/" not in model and not (Path(model) / "MLmodel").is_file():
-        raise FileNotFoundError(f"{model}: not a model URI, a pyfunc model folder (no MLmodel file) or a run id")
+        raise ModelError(f"{model}: not a model URI, a pyfunc model folder (no MLmodel file) or a run id")
     pyfunc = mlflow.pyfunc.load_model(model, model_config={"device": device})
     inner = pyfunc.unwrap_python_model()
     if not isinstance(inner, EnsemblePyfunc):
-        raise TypeError(f"{model} is a {type(inner).__name__}, not this project's ensemble model")
+        raise ModelError(f"{model} is a {type(inner).__name__}, not this project's ensemble model")
     t = inner.predictor.threshold if threshold is None else threshold
     return Predictor(inner.predictor.ensemble, float(t), model)
 

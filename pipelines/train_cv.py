@@ -37,6 +37,7 @@ from models.training import FoldResult, TrainConfig, train_fold
 from pipelines.common import (cli_step, code_version, log_params, log_store, mark_training_experiment, shared_write,
                               step_description)
 from pipelines.config import StepConfig, as_params, from_cli, identity
+from pipelines.fold_jobs import FOLD_JOB_PARENT, run_fold_jobs
 from pipelines.joining import open_parent
 
 
@@ -46,6 +47,8 @@ class TrainCVConfig(StepConfig, TrainConfig):
     regime: str = param("real_only | synth_balanced", choices=keys.REGIMES)
     synth_run_id: str = param("synthesize run whose fold k store is added to fold k's training split (synth_balanced)")
     folds: str = param("all, or a list such as 1,3 (jobs with other folds join the same parent)", identity=False)
+    fold_jobs: int = param("folds trained at a time, each in its own process on the same device (a CPU's cores "
+                           "are shared out)", identity=False)
     workroot: str = param("local folder for the resumable fold state", identity=False)
 
     STEP = keys.TRAIN_CV
@@ -180,11 +183,16 @@ def train_folds(cfg: TrainCVConfig, store: Store, folds: list[int], synthetic: d
 
 
 def run_train_cv(cfg: TrainCVConfig) -> str:
-    """Resolve the data, open the parent, train each fold, summarise; returns the parent's id."""
+    """Resolve the data, open the parent, train each fold (`fold_jobs` at a time), summarise;
+    returns the parent's id."""
     store = open_store(cfg.data)
     folds = select_folds(cfg.folds, store.folds)
     synthetic = synthetic_stores(cfg, store, folds)  # refuses leaking stores before anything runs
     key = experiment_key(cfg, store)
+    job_of = os.environ.pop(FOLD_JOB_PARENT, None)
+    if job_of:  # one of the parent's fold jobs: fold runs under it, the parent itself is the spawner's
+        train_folds(cfg, store, folds, synthetic, job_of, key)
+        return job_of
     # the parent's scope: under `mlflow run` the folds asked for, else every fold (other jobs join it)
     scope = ",".join(map(str, folds if os.environ.get("MLFLOW_RUN_ID") else store.folds))
     parent_id = open_parent(keys.TRAIN_CV_KEY, key, run_name(cfg), {keys.STEP: keys.TRAIN_CV})
@@ -203,7 +211,13 @@ def run_train_cv(cfg: TrainCVConfig) -> str:
         log_params(params)
         if client.get_run(parent_id).data.tags.get(keys.DATASET_DIGEST) != store.digest:
             log_store(store, "training")
-        train_folds(cfg, store, folds, synthetic, parent_id, key)
+        todo = [k for k in folds if not any(r.info.status == runs.FINISHED
+                                            for r in runs.fold_attempts(client, parent_id).get(k, []))]
+        if cfg.fold_jobs > 1 and len(todo) > 1:
+            run_fold_jobs(as_params(cfg), todo, cfg.fold_jobs, parent_id, parent.info.experiment_id,
+                          Path(cfg.workroot) / key)
+        else:
+            train_folds(cfg, store, folds, synthetic, parent_id, key)
         update_summary(client, parent_id)
     return parent_id
 

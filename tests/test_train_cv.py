@@ -252,3 +252,23 @@ def test_real_amibr_subset_trains_and_logs_every_key(tracking, tmp_path):
     [child] = _children(client, parent_id)
     _assert_fold_run_contract(client, child, epochs=1)
     assert 0.0 <= m[keys.CV_AUROC_MEAN] <= 1.0
+
+
+def test_fold_jobs_train_side_by_side_under_one_parent_with_the_same_results(tracking, tmp_path):
+    """fold_jobs=2: two processes (one core each here) train folds 1 and 2 as fold runs of the one parent;
+    every fold ends exactly as it does trained in this process, one after the other."""
+    from data_tools.ingest import ingest
+    store, _ = ingest("demo", None, tmp_path / "demo", folds=2, size=160)
+    client = MlflowClient()
+    one = run_train_cv(_cfg(store, folds="1,2", workroot=str(tmp_path / "one")))
+    mlflow.set_experiment("side by side")
+    two = run_train_cv(_cfg(store, folds="1,2", workroot=str(tmp_path / "two"), fold_jobs=2))
+    parents = [r for r in client.search_runs([client.get_experiment_by_name("side by side").experiment_id],
+                                             f"tags.step = '{keys.TRAIN_CV}'") if keys.FOLD not in r.data.tags]
+    assert [p.info.run_id for p in parents] == [two] and parents[0].info.status == "FINISHED"
+    assert sorted(c.data.tags[keys.FOLD] for c in _children(client, two)) == ["1", "2"]
+    a, b = client.get_run(one).data.metrics, client.get_run(two).data.metrics
+    for k in (1, 2):
+        assert b[keys.fold_metric(k, "auroc")] == pytest.approx(a[keys.fold_metric(k, "auroc")], abs=1e-6), k
+    assert b[keys.CV_AUROC_MEAN] == pytest.approx(a[keys.CV_AUROC_MEAN], abs=1e-6)
+    assert sorted(p.name for p in (tmp_path / "two").rglob("fold-job-*.log")) == ["fold-job-1.log", "fold-job-2.log"]

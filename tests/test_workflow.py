@@ -116,33 +116,27 @@ def test_a_second_main_reuses_every_finished_step(workflow):
 
 def test_a_failing_step_names_its_log_and_shows_its_last_lines(workflow):
     tmp, _, _, run = workflow
-    failed = run("--test_data", str(tmp / "no_such_store"))  # every other step is reused
+    failed = run("--source", "folder", "--root", str(tmp / "no_such_folder"))  # the first step fails at once
     assert failed.returncode == 1 and "Traceback" not in failed.stdout + failed.stderr
     out = failed.stdout
     assert "FAILED (run " in out and "; its log: " in out and "last lines:" in out
     log = Path(out.split("; its log: ")[1].split(";")[0])
-    assert (tmp / log).is_file() and "no_such_store" in (tmp / log).read_text()
-    assert "no_such_store" in out.split("last lines:")[1]  # the step's own error, shown on main's console
-    assert failed.stderr.strip().splitlines()[-1].startswith("main: step evaluate ")
+    assert (tmp / log).is_file() and "no_such_folder" in (tmp / log).read_text()
+    assert "no_such_folder" in out.split("last lines:")[1]  # the step's own error, shown on main's console
+    assert failed.stderr.strip().splitlines()[-1].startswith("main: step prepare_data ")
 
 
-def test_mlflow_ui_shows_every_backbone_and_regime(workflow):
-    tmp, uri, _, _ = workflow
-    with mlflow_server(uri, tmp / "unused", ui=True) as url:
-        body = json.dumps({"experiment_ids": [_experiment(MlflowClient(uri))], "filter": f"tags.step = '{keys.TRAIN_CV}'",
-                           "max_results": 100}).encode()
-        req = urllib.request.Request(url + "/api/2.0/mlflow/runs/search", data=body,
-                                     headers={"Content-Type": "application/json"})
-        runs = json.loads(urllib.request.urlopen(req, timeout=30).read())["runs"]
+def _rows_over_rest(url: str, exp: str) -> dict:
+    """The train_cv step runs main started, as `mlflow ui` serves them over REST."""
+    body = json.dumps({"experiment_ids": [exp], "filter": f"tags.step = '{keys.TRAIN_CV}'", "max_results": 100}).encode()
+    req = urllib.request.Request(url + "/api/2.0/mlflow/runs/search", data=body,
+                                 headers={"Content-Type": "application/json"})
     rows = {}
-    for r in runs:  # the step runs main started (their fold children are not tagged with the workflow)
+    for r in json.loads(urllib.request.urlopen(req, timeout=30).read())["runs"]:
         tags = {t["key"]: t["value"] for t in r["data"]["tags"]}
-        metrics = {m["key"]: m["value"] for m in r["data"].get("metrics", [])}
-        if keys.WORKFLOW_RUN in tags:
-            rows[(tags[keys.BACKBONE], tags[keys.REGIME])] = metrics
-    assert set(rows) == {(b, g) for b in ("convnext", "lunit") for g in keys.REGIMES}
-    for metrics in rows.values():
-        assert 0.0 <= metrics[keys.CV_AUROC_MEAN] <= 1.0 and keys.CV_BA_STD in metrics
+        if keys.WORKFLOW_RUN in tags:  # the step runs main started (their fold children are not tagged with it)
+            rows[(tags[keys.BACKBONE], tags[keys.REGIME])] = {m["key"]: m["value"] for m in r["data"].get("metrics", [])}
+    return rows
 
 
 def test_a_step_is_reused_only_with_the_same_params_code_and_data(tracking, demo_store):
@@ -189,18 +183,26 @@ def _tick_column(page, name: str) -> None:
     raise AssertionError(f"column {name} could not be ticked")
 
 
-def test_the_regime_comparison_in_a_real_browser(workflow):
-    """The README's view: the evaluate rows (one per backbone x regime) with cv_auroc_mean,
-    cv_auroc_std and test_ba, grouped by backbone and regime; then the report's Table 1."""
-    from playwright.sync_api import sync_playwright
-    chromium = _chromium()
+def test_mlflow_ui_shows_every_row_and_in_a_real_browser_the_regime_comparison(workflow):
+    """`mlflow ui` over REST lists every backbone x regime; then, in headless Chromium, the README's
+    view: the evaluate rows with cv_auroc_mean, cv_auroc_std and test_ba, grouped by regime and
+    backbone, and the report's Table 1 (screenshots in test-artifacts/)."""
     tmp, uri, _, _ = workflow
     client = MlflowClient(uri)
     exp = _experiment(client)
     [report] = client.search_runs([exp], f"tags.step = '{keys.REPORT}'", max_results=1)
     shots = ROOT / "test-artifacts"
     shots.mkdir(exist_ok=True)
-    with mlflow_server(uri, tmp / "unused", ui=True) as url, sync_playwright() as p:
+    with mlflow_server(uri, tmp / "unused", ui=True) as url:
+        rows = _rows_over_rest(url, exp)
+        assert set(rows) == {(b, g) for b in ("convnext", "lunit") for g in keys.REGIMES}
+        assert all(0.0 <= m[keys.CV_AUROC_MEAN] <= 1.0 and keys.CV_BA_STD in m for m in rows.values())
+        _in_the_browser(url, _chromium(), client, exp, report.info.run_id, shots)
+
+
+def _in_the_browser(url: str, chromium: str, client: MlflowClient, exp: str, report_id: str, shots: Path) -> None:
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 2600, "height": 900})  # wide: the grid renders visible columns only
         page.goto(url)
@@ -225,7 +227,7 @@ def test_the_regime_comparison_in_a_real_browser(workflow):
         assert str(row.data.metrics[keys.CV_AUROC_MEAN])[:6] in text  # the value, in its column
         assert "Group: regime: real_only, backbone: convnext" in text
         page.screenshot(path=str(shots / "mlflow_ui_regimes.png"), full_page=True)
-        page.goto(f"{url}/#/experiments/{exp}/runs/{report.info.run_id}/artifacts/{keys.TABLE1}.md")
+        page.goto(f"{url}/#/experiments/{exp}/runs/{report_id}/artifacts/{keys.TABLE1}.md")
         page.get_by_text("demo ConvNeXt-Atto-shaped (real)").first.wait_for(timeout=60_000)
         page.screenshot(path=str(shots / "mlflow_ui_table1.png"), full_page=True)
         browser.close()

@@ -1,0 +1,20 @@
+"""The GPU benchmark runs on a CPU with --quick (so it cannot rot before a GPU is lent), and
+prints and writes the figures a user reads before a run."""
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def test_bench_gpu_quick_prints_rates_and_projections(tmp_path, capsys):
+    import bench_gpu
+    figures = bench_gpu.main(["--quick", "--device", "cpu", "--json", str(tmp_path / "bench.json")])
+    out = capsys.readouterr().out
+    assert "img/s" in out and "Table 1 grid" in out and "generator fine-tuning" in out and "cold start" in out
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["projections"]["table1_grid_s"] == figures["projections"]["table1_grid_s"] > 0
+    assert all(r["images_per_s"] > 0 and 0 <= r["data_path_share"] < 1 for r in saved["classifier"])
+    assert [s["sampler"] for s in saved["sampling"]] == ["ddpm", "dpmsolver++"]
+    assert saved["predict"]["crops"] == 16 and saved["generator_finetune"]["dit"]["images_per_s"] > 0
