@@ -19,13 +19,7 @@ def _open(key: str, out: dict, name: str) -> None:
     out[name] = joining.open_parent(KEY_TAG, key, "job", {keys.STEP: keys.TRAIN_CV})
 
 
-@pytest.fixture
-def quick_settle(monkeypatch):
-    """A shorter settle time where no run commits late (the race test below keeps the real one)."""
-    monkeypatch.setattr(joining, "PARENT_SETTLE_S", 0.5)
-
-
-def test_a_second_job_joins_the_parent_of_the_first(tracking, quick_settle):
+def test_a_second_job_joins_the_parent_of_the_first(tracking):
     first = joining.open_parent(KEY_TAG, "k1", "a / b", {keys.STEP: keys.TRAIN_CV})
     assert joining.open_parent(KEY_TAG, "k1", "a / b", {keys.STEP: keys.TRAIN_CV}) == first
     assert joining.open_parent(KEY_TAG, "other", "a / b", {keys.STEP: keys.TRAIN_CV}) != first
@@ -33,7 +27,7 @@ def test_a_second_job_joins_the_parent_of_the_first(tracking, quick_settle):
     assert run.data.tags[KEY_TAG] == "k1" and run.info.run_name == "a / b"
 
 
-def test_two_jobs_that_start_together_keep_one_parent(tracking, quick_settle):
+def test_two_jobs_that_start_together_keep_one_parent(tracking):
     chosen: dict[str, str] = {}
     jobs = [threading.Thread(target=_open, args=("k2", chosen, n)) for n in ("a", "b")]
     for job in jobs:
@@ -55,6 +49,7 @@ def test_under_mlflow_run_the_step_run_is_the_parent(tracking, monkeypatch):
     assert MlflowClient().get_run(own).data.tags[KEY_TAG] == "k3"
 
 
+@pytest.mark.real_settle  # the real PARENT_SETTLE_S (conftest shortens it elsewhere)
 def test_a_parent_that_becomes_visible_late_still_wins(tracking):
     """The race CI once hit: job B's parent starts first but is committed after job A looked.
     A must not settle on its own run before every earlier-started run could be visible."""
