@@ -59,14 +59,15 @@ def replace_dir(tmp: Path, out: Path) -> None:
 
 
 def _alive(host: str, pid: int) -> bool:
+    """Whether the writer may still be running (another machine's process is not ours to judge)."""
     if host != _HOST:
-        return True  # another machine's process: not ours to judge
+        return True
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError: alive, someone else's
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 

@@ -20,7 +20,6 @@ from data_tools.store import MANIFEST, open_store
 
 PLATFORM_INPUT = "/input/images/stacked-histopathology-roi-cropouts"
 PLATFORM_OUTPUT = "/output/multiple-mitotic-figure-classification.json"
-STACK_SUFFIXES = TIFF_SUFFIXES
 
 
 class InputError(UserError, ValueError):
@@ -62,7 +61,7 @@ def find_stacks(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: input folder not found")
-    stacks = sorted((p for p in folder.iterdir() if p.suffix.lower() in STACK_SUFFIXES and p.is_file()), key=natural_key)
+    stacks = sorted((p for p in folder.iterdir() if p.suffix.lower() in TIFF_SUFFIXES and p.is_file()), key=natural_key)
     if not stacks:
         raise InputError(f"{folder}: no .tif/.tiff stack in the input folder")
     return stacks
@@ -112,15 +111,15 @@ def load_inputs(path: str | Path, size: int | None = CROP_SIZE) -> Crops:
         return Crops(np.asarray(store.images), store.index["sample_id"].astype(str).tolist(), [str(path)] * len(store),
                      kind="store")
     if path.is_file():
-        if path.suffix.lower() in STACK_SUFFIXES:
+        if path.suffix.lower() in TIFF_SUFFIXES:
             return load_stacks([path], size)
         raise InputError(f"{path}: not a .tif/.tiff stack; give a stack, a folder or a store")
     if not path.is_dir():
         raise InputError(f"{path}: input not found")
     top = [p for p in path.iterdir() if p.is_file()]
-    if any(p.suffix.lower() in STACK_SUFFIXES for p in top):
+    if any(p.suffix.lower() in TIFF_SUFFIXES for p in top):
         others = sorted(p.name for p in top if p.suffix.lower() in IMAGE_SUFFIXES
-                        and p.suffix.lower() not in STACK_SUFFIXES)
+                        and p.suffix.lower() not in TIFF_SUFFIXES)
         if others:  # half an answer would be scored as a wrong one
             raise InputError(f"{path}: holds platform stacks and {len(others)} crop image(s) (e.g. {others[:3]}); "
                              f"give stacks and crops in separate folders")

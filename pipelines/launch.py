@@ -59,10 +59,11 @@ def launch(client: MlflowClient, experiment_id: str, step: str, params: dict[str
            "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_EXPERIMENT_NAME", None)
     log.parent.mkdir(parents=True, exist_ok=True)
+    command = step_command(step, params)
     with open(log, "w") as out:
-        out.write(f"$ {shlex.join(step_command(step, params))}\n")
+        out.write(f"$ {shlex.join(command)}\n")
         out.flush()
-        code = subprocess.call(step_command(step, params), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        code = subprocess.call(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     if client.get_run(run_id).info.status == RunStatus.to_string(RunStatus.RUNNING):
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if code == 0 else RunStatus.FAILED))
     client.log_artifact(run_id, str(log), LOGS_DIR)
