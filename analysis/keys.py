@@ -53,7 +53,12 @@ P_PRETRAINED = "pretrained"
 P_N_SYNTHETIC = "n_synthetic"  # synthetic atypical crops per fold, or "balance"
 P_TIMM_NAME = "timm_name"  # the architecture the backbone name resolved to in the profile
 P_INPUT_SIZE = "input_size"
-P_AUGMENT = "augment"  # paper | flips | none
+P_N_PARAMS = "n_params"  # train_cv parent: parameters of a fold model, and those that train (LoRA: a few)
+P_N_TRAINABLE_PARAMS = "n_trainable_params"
+P_FINETUNE = "finetune"  # full | lora | linear
+P_LORA_RANK = "lora_rank"
+P_LOSS = "loss"
+P_AUGMENT = "augment"  # paper | flips | strong | none
 P_SPLIT = "split"  # how the store's folds were made: group (slide-grouped CV) | lodo (leave one domain out)
 P_SPLIT_BY = "split_by"  # lodo: the column whose values are the folds
 LODO = "lodo"
@@ -230,3 +235,6 @@ def synth_store_param(k: int) -> str:
 
 def synth_digest_param(k: int) -> str:
     return f"digest_fold{k}"
+
+# evaluate with threshold=fold_ba: fold model k's own BA-optimal threshold, metric "fold<k>_threshold"
+FOLD_THRESHOLD = "threshold"  # fold_metric(k, FOLD_THRESHOLD)

@@ -1,8 +1,9 @@
 """The report's rows, built from the runs that `analysis.runs` finds (docs/DESIGN.md, "MLflow runs").
 
-A *row* of the paper's tables is one (backbone, regime): by default the latest finished
-`train_cv` parent run of that pair, with its fold runs and, per test set, its latest
-finished `evaluate` run. Everything a row lacks is reported as a plain sentence (a
+A *row* of the paper's tables is one (backbone, recipe, regime), the recipe being how the
+backbone was trained beyond the paper's choice (weights, fine-tuning mode, loss, sampler,
+augmentation): by default the latest finished `train_cv` parent run of each, with its fold
+runs and, per test set, its latest finished `evaluate` run. Everything a row lacks is reported as a plain sentence (a
 `problems` list) so that the report can build what it can and say what it skipped;
 `strict=True` turns those sentences into one `ReportDataError` instead.
 """
@@ -19,6 +20,19 @@ from analysis import keys, runs
 from analysis.runs import FINISHED
 
 BACKBONE_ORDER = ("convnext", "lunit")
+# what a row's recipe is made of, with the value a run that predates the parameter had
+RECIPE_DEFAULTS = {keys.P_BACKBONE_SET: "paper", keys.P_PRETRAINED: "hub", keys.P_FINETUNE: "full",
+                   keys.P_LORA_RANK: "8", keys.P_LOSS: "bce", keys.P_SAMPLER: "shuffle", keys.P_AUGMENT: "paper"}
+Recipe = tuple[tuple[str, str], ...]
+
+
+def recipe(run: Run) -> Recipe:
+    """How a train_cv run trained its backbone ((param, value) pairs; LoRA's rank only for LoRA)."""
+    params = run.data.params
+    found = {k: params.get(k) or d for k, d in RECIPE_DEFAULTS.items()}
+    if found[keys.P_FINETUNE] != "lora":
+        found[keys.P_LORA_RANK] = ""
+    return tuple(found.items())
 
 
 class ReportDataError(runs.RunLookupError):
@@ -39,8 +53,17 @@ class TrainRow:
         return self.run.info.run_id
 
     @property
-    def key(self) -> tuple[str, str]:
-        return self.backbone, self.regime
+    def recipe(self) -> Recipe:
+        return recipe(self.run)
+
+    @property
+    def group(self) -> tuple[str, Recipe]:
+        """Rows of one group differ only in their regime (the comparison pairs them)."""
+        return self.backbone, self.recipe
+
+    @property
+    def key(self) -> tuple[str, Recipe, str]:
+        return self.backbone, self.recipe, self.regime
 
     @property
     def split(self) -> str:
@@ -97,12 +120,14 @@ def _row_key(run: Run) -> tuple[str, str]:
     return p.get(keys.P_BACKBONE) or t.get(keys.BACKBONE, "?"), p.get(keys.P_REGIME) or t.get(keys.REGIME, "?")
 
 
-def row_order(key: tuple[str, str]) -> tuple:
-    """The paper's order: ConvNeXt then Lunit (others after, by name); real before synthetic."""
-    backbone, regime = key
+def row_order(key: tuple[str, Recipe, str]) -> tuple:
+    """The paper's order: ConvNeXt then Lunit (others after, by name), the paper's recipe first
+    within a backbone, real before synthetic."""
+    backbone, rec, regime = key
     b = BACKBONE_ORDER.index(backbone) if backbone in BACKBONE_ORDER else len(BACKBONE_ORDER)
     r = keys.REGIMES.index(regime) if regime in keys.REGIMES else len(keys.REGIMES)
-    return b, backbone, r, regime
+    paper = dict(rec).get(keys.P_FINETUNE) == "full" and dict(rec).get(keys.P_LOSS) == "bce"
+    return b, backbone, not paper, rec, r, regime
 
 
 def load_row(client: MlflowClient, run: Run) -> TrainRow:
@@ -158,15 +183,15 @@ def _named_parents(client: MlflowClient, run_ids: list[str], problems: list[str]
 
 
 def _latest_parents(client: MlflowClient, exp_ids: list[str], problems: list[str]) -> list[Run]:
-    """The latest finished train_cv parent run per (backbone, regime), tune's trials aside."""
+    """The latest finished train_cv parent run per (backbone, recipe, regime), tune's trials aside."""
     tune_ids = {r.info.run_id for r in runs.step_runs(client, exp_ids, keys.TUNE, finished_only=False)}
     all_runs = [r for r in runs.step_runs(client, exp_ids, keys.TRAIN_CV, finished_only=False)
                 if not runs.is_fold_run(r) and r.data.tags.get(keys.PARENT_RUN) not in tune_ids]
     if not all_runs:
         problems.append(f"no train_cv runs in experiment(s) {exp_ids}")
-    by_key: dict[tuple[str, str, str], list[Run]] = {}
-    for run in all_runs:  # newest first; a row per backbone, regime and split
-        by_key.setdefault((*_row_key(run), run.data.params.get(keys.P_SPLIT) or "group"), []).append(run)
+    by_key: dict[tuple, list[Run]] = {}
+    for run in all_runs:  # newest first; a row per backbone, regime, split and recipe
+        by_key.setdefault((*_row_key(run), run.data.params.get(keys.P_SPLIT) or "group", recipe(run)), []).append(run)
     chosen = []
     for key, candidates in by_key.items():
         finished = [r for r in candidates if r.info.status == FINISHED]
@@ -183,7 +208,7 @@ def train_rows(client: MlflowClient, exp_ids: list[str], run_ids: list[str] | No
                strict: bool = False) -> tuple[list[TrainRow], list[str]]:
     """Complete rows, in the paper's order, and the problems of the rows left out.
 
-    Without `run_ids`: the latest finished train_cv parent run per (backbone, regime).
+    Without `run_ids`: the latest finished train_cv parent run per (backbone, recipe, regime).
     """
     problems: list[str] = []
     chosen = _named_parents(client, run_ids, problems) if run_ids else _latest_parents(client, exp_ids, problems)

@@ -7,11 +7,12 @@
   a complete set or an error naming the missing folds (`complete_fold_runs`);
 - what the fold runs hold: out-of-fold predictions, checkpoints (each with its config.json),
   the fold ensemble;
-- the threshold of a train_cv run's latest evaluate run.
+- the threshold rule (threshold, per-fold thresholds) of an evaluate run, and a train_cv run's latest one.
 """
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -175,14 +176,20 @@ def download_checkpoints(folds: dict[int, Run], dst: str | Path) -> dict[int, st
     return out
 
 
-def load_ensemble(train_run_id: str, device: str = "cpu", dst: str | Path | None = None):
-    """The fold ensemble (models.ensemble.FoldEnsemble) of a train_cv run's complete fold set."""
+def load_ensemble(train_run_id: str, device: str = "cpu", dst: str | Path | None = None,
+                  fold_thresholds: dict[int, float] | None = None):
+    """The fold ensemble (models.ensemble.FoldEnsemble) of a train_cv run's complete fold set;
+    `fold_thresholds` (fold k -> t_k, evaluate's fold_ba) must name exactly those folds."""
     from models.ensemble import FoldEnsemble
 
     client = MlflowClient()
     get_run(client, train_run_id, keys.TRAIN_CV)
     dirs = download_checkpoints(complete_fold_runs(client, train_run_id), dst or tempfile.mkdtemp(prefix="ensemble-"))
-    return FoldEnsemble.from_dirs([dirs[k] for k in sorted(dirs)], device)
+    if fold_thresholds is not None and set(fold_thresholds) != set(dirs):
+        raise RunLookupError(f"run {train_run_id}: fold thresholds for folds {sorted(fold_thresholds)} but its "
+                             f"ensemble has folds {sorted(dirs)}; evaluate it again")
+    return FoldEnsemble.from_dirs([dirs[k] for k in sorted(dirs)], device,
+                                  None if fold_thresholds is None else [fold_thresholds[k] for k in sorted(dirs)])
 
 
 def numeric(value) -> float | None:
@@ -200,12 +207,20 @@ def run_threshold(run: Run) -> float | None:
     return None
 
 
-def latest_threshold(train_run_id: str) -> float | None:
-    """The threshold of the newest finished evaluate run of a train_cv run, if any."""
+_FOLD_THRESHOLD = re.compile(keys.fold_metric(r"(\d+)", keys.FOLD_THRESHOLD))
+
+
+def run_fold_thresholds(run: Run) -> dict[int, float] | None:
+    """fold_ba: {k: fold model k's threshold} an evaluate run used (metrics fold<k>_threshold), else None."""
+    found = {int(m.group(1)): v for key, v in run.data.metrics.items() if (m := _FOLD_THRESHOLD.fullmatch(key))}
+    return dict(sorted(found.items())) or None
+
+
+def latest_evaluate_run(train_run_id: str) -> Run | None:
+    """The newest finished evaluate run of a train_cv run (its threshold rule is the model's), if any."""
     client = MlflowClient()
     exp = client.get_run(train_run_id).info.experiment_id
-    found = latest_run(client, [exp], keys.EVALUATE, f"params.{keys.P_TRAIN_RUN_ID} = '{train_run_id}'")
-    return run_threshold(found) if found else None
+    return latest_run(client, [exp], keys.EVALUATE, f"params.{keys.P_TRAIN_RUN_ID} = '{train_run_id}'")
 
 
 def is_fold_run(run: Run) -> bool:

@@ -141,22 +141,26 @@ def paired_predictions(a: pd.DataFrame, b: pd.DataFrame) -> tuple[np.ndarray, np
 
 
 def compare_regimes(rows, oof_predictions, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05,
-                    base: str = "real_only", other: str = "synth_balanced") -> tuple[list[dict], list[str]]:
-    """Per backbone with both regimes: `other` minus `base`, over folds and over OOF samples.
+                    base: str = "real_only", other: str = "synth_balanced",
+                    name=lambda row: row.backbone) -> tuple[list[dict], list[str]]:
+    """Per group of rows (backbone and recipe) with both regimes: `other` minus `base`, over folds
+    and over OOF samples.
 
     `rows` are TrainRows; `oof_predictions(row) -> (DataFrame | None, reason)` gives a row's
-    pooled validation predictions. Returns one record per backbone (AUROC fractions) and a
-    sentence for every comparison, or part of one, that could not be made.
+    pooled validation predictions; `name(row)` names its group in records and sentences. Returns
+    one record per group (AUROC fractions) and a sentence for every comparison, or part of one,
+    that could not be made.
     """
-    by_key = {(r.backbone, r.regime): r for r in rows}
+    by_key = {(r.group, r.regime): r for r in rows}
     records, skipped = [], []
-    for backbone in dict.fromkeys(r.backbone for r in rows):
-        a, b = by_key.get((backbone, base)), by_key.get((backbone, other))
+    for group in dict.fromkeys(r.group for r in rows):
+        a, b = by_key.get((group, base)), by_key.get((group, other))
+        backbone = name(a or b)
         if a is None or b is None:
             skipped.append(f"{backbone}: no {base if a is None else other} row, nothing to compare")
             continue
-        rec: dict = {"backbone": backbone, "backbone_set": a.run.data.params.get(keys.P_BACKBONE_SET),
-                     "base_run_id": a.run_id, "other_run_id": b.run_id}
+        rec: dict = {"backbone": a.backbone, "group": backbone, "backbone_set": a.run.data.params.get(keys.P_BACKBONE_SET),
+                     "recipe": dict(a.recipe), "base_run_id": a.run_id, "other_run_id": b.run_id}
         try:
             rec["folds"] = asdict(paired_fold_test(a.fold_metric("auroc"), b.fold_metric("auroc"), alpha))
         except ValueError as e:

@@ -6,9 +6,12 @@ unpickles nothing) with an input example and a signature; it carries the fold ch
 (model.safetensors + config.json each) as artifacts and this project's library code, so
 `mlflow models serve` and the container need nothing else. Its REST input is a DataFrame with one crop per row, either as a
 base64-encoded image (column `image`: PNG, JPEG or TIFF bytes of an RGB crop) or as a
-path the server can read (column `path`); the output has, per crop, `probability` (of
-atypical) and `class` ("atypical" when probability >= the model's threshold, else
-"normal"). The threshold is the one the selected row's evaluate run used.
+path the server can read (column `path`); the output has, per crop, `probability` (the
+ensemble's score of atypical, models/ensemble.py) and `class` ("atypical" when probability >=
+the model's threshold, else "normal"); params `tta` (none | flips | d4) and `batch_size`. The
+threshold rule is the one the selected row's evaluate run used: the threshold and, for
+`fold_ba`, each fold model's own threshold (model_config `fold_thresholds`), so the model
+decides offline as evaluate did.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ PROB_COLUMN, CLASS_COLUMN = "probability", "class"
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", IMAGE_COLUMN, required=False), ColSpec("string", PATH_COLUMN, required=False)]),
     outputs=Schema([ColSpec("double", PROB_COLUMN), ColSpec("string", CLASS_COLUMN)]),
-    params=ParamSchema([ParamSpec("tta", "boolean", False), ParamSpec("batch_size", "long", 64)]),
+    params=ParamSchema([ParamSpec("tta", "string", "none"), ParamSpec("batch_size", "long", 64)]),
 )
 
 
@@ -70,6 +73,11 @@ class Selection:
     def threshold(self) -> float:
         t = self.eval_run.threshold if self.eval_run is not None else None
         return DEFAULT_THRESHOLD if t is None else t
+
+    @property
+    def fold_thresholds(self) -> dict[int, float] | None:
+        """fold_ba: {k: fold model k's threshold} of the evaluate run, else None."""
+        return runs.run_fold_thresholds(self.eval_run.run) if self.eval_run is not None else None
 
 
 def criterion_value(row: TrainRow, criterion: str, evals: dict[str, EvalRun]) -> float | None:
@@ -110,11 +118,13 @@ class EnsemblePyfunc(mlflow.pyfunc.PythonModel):
         from models.checkpoint import resolve_device
         from models.ensemble import FoldEnsemble  # the heavy part; imported where the model loads
         config = context.model_config or {}
-        dirs = [context.artifacts[k] for k in sorted(context.artifacts, key=_fold_number)]
+        names = sorted(context.artifacts, key=_fold_number)
+        per_fold = config.get("fold_thresholds")  # {"fold<k>": t_k} (fold_ba), named as the artifacts
         device = str(resolve_device(config.get("device")))  # override: MLFLOW_PYFUNC_INFERENCE_CONFIG
         self.config = config
-        self.predictor = Predictor(FoldEnsemble.from_dirs(dirs, device=device),
-                                   float(config.get("threshold", DEFAULT_THRESHOLD)), "pyfunc")
+        ensemble = FoldEnsemble.from_dirs([context.artifacts[k] for k in names], device=device,
+                                          fold_thresholds=[per_fold[k] for k in names] if per_fold else None)
+        self.predictor = Predictor(ensemble, float(config.get("threshold", DEFAULT_THRESHOLD)), "pyfunc")
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from data_tools.images import decode_base64_image, load_crop
@@ -131,7 +141,7 @@ class EnsemblePyfunc(mlflow.pyfunc.PythonModel):
             raise ValueError(f"crops differ in size {sorted({im.shape for im in images})}; send crops of one size")
         if not images:
             return pd.DataFrame({PROB_COLUMN: pd.Series(dtype=float), CLASS_COLUMN: pd.Series(dtype=str)})
-        prob, cls = self.predictor.predict(np.stack(images), bool(params.get("tta", False)), int(params.get("batch_size", 64)))
+        prob, cls = self.predictor.predict(np.stack(images), params.get("tta", "none"), int(params.get("batch_size", 64)))
         return pd.DataFrame({PROB_COLUMN: prob, CLASS_COLUMN: cls})
 
 
@@ -169,17 +179,23 @@ def input_example() -> pd.DataFrame:
     return pd.DataFrame({IMAGE_COLUMN: [encode_png_base64(np.full((CROP_SIZE, CROP_SIZE, 3), 128, np.uint8))]})
 
 
-def log_ensemble_model(row: TrainRow, threshold: float, *, registered_name: str = keys.MODEL_NAME,
-                       alias: str | None = keys.SUBMISSION_ALIAS, extra_config: dict | None = None,
-                       check_load: bool = True) -> ModelVersion:
+def log_ensemble_model(row: TrainRow, threshold: float, *, fold_thresholds: dict[int, float] | None = None,
+                       registered_name: str = keys.MODEL_NAME, alias: str | None = keys.SUBMISSION_ALIAS,
+                       extra_config: dict | None = None, check_load: bool = True) -> ModelVersion:
     """Log the row's fold ensemble as a pyfunc model in the active run, register it, set the alias.
 
-    `check_load` builds the ensemble once before logging, so a checkpoint that does not load
-    fails here, in the report, rather than on the platform.
+    `fold_thresholds` ({k: t_k}, evaluate's fold_ba) travel in the model_config and must name
+    the row's folds. `check_load` builds the ensemble once before logging, so a checkpoint that
+    does not load fails here, in the report, rather than on the platform.
     """
     # "device" is listed so that loaders may override it (MLflow only overrides logged keys)
     config = {"threshold": float(threshold), "device": "auto", "train_run_id": row.run_id, "backbone": row.backbone,
               "regime": row.regime, **(extra_config or {})}
+    if fold_thresholds is not None:
+        if set(fold_thresholds) != set(row.fold_runs):
+            raise SelectionError(f"{row.name}: fold thresholds for folds {sorted(fold_thresholds)}, but its fold runs "
+                                 f"are {sorted(row.fold_runs)}; evaluate it again")
+        config["fold_thresholds"] = {f"fold{k}": float(t) for k, t in sorted(fold_thresholds.items())}
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # MLflow's own handling of the input example trips a pandas deprecation inside mlflow.models.utils:
         # harmless for this DataFrame, and nothing a user of the report can act on
@@ -187,7 +203,10 @@ def log_ensemble_model(row: TrainRow, threshold: float, *, registered_name: str 
         artifacts = download_checkpoints(row, tmp)
         if check_load:
             from models.ensemble import FoldEnsemble
-            FoldEnsemble.from_dirs([artifacts[k] for k in sorted(artifacts, key=_fold_number)], device="cpu")
+            names = sorted(artifacts, key=_fold_number)
+            FoldEnsemble.from_dirs([artifacts[k] for k in names], device="cpu",
+                                   fold_thresholds=[config["fold_thresholds"][k] for k in names]
+                                   if fold_thresholds is not None else None)
         info = mlflow.pyfunc.log_model(
             name=keys.SUBMISSION_ARTIFACT, python_model=str(ROOT / "analysis" / "pyfunc_model.py"),
             artifacts=artifacts, model_config=config, input_example=input_example(),
@@ -197,7 +216,8 @@ def log_ensemble_model(row: TrainRow, threshold: float, *, registered_name: str 
     client = MlflowClient()
     version = client.get_model_version(registered_name, str(info.registered_model_version))
     for key, value in config.items():
-        client.set_model_version_tag(registered_name, version.version, key, str(value))
+        client.set_model_version_tag(registered_name, version.version, key,
+                                     json.dumps(value) if isinstance(value, dict) else str(value))
     if alias:
         client.set_registered_model_alias(registered_name, alias, version.version)
     return version
@@ -210,9 +230,10 @@ class Predictor:
     threshold: float
     source: str
 
-    def predict(self, images: np.ndarray, tta: bool = False, batch_size: int = 64,
+    def predict(self, images: np.ndarray, tta: str = "none", batch_size: int = 64,
                 chunk: int = 1024) -> tuple[np.ndarray, list[str]]:
-        """Probabilities of atypical and classes for uint8 RGB crops [N, H, W, 3] (may be a memmap)."""
+        """Scores of atypical and classes for uint8 RGB crops [N, H, W, 3] (may be a memmap);
+        `tta`: none | flips | d4."""
         starts = range(0, len(images), chunk)
         if len(images) > chunk:
             from tqdm import tqdm
@@ -224,17 +245,19 @@ class Predictor:
 
 
 def load_predictor(model: str, device: str = "auto", threshold: float | None = None) -> Predictor:
-    """The ensemble behind `model` and its threshold (`threshold` overrides it).
+    """The ensemble behind `model` and its threshold rule (`threshold` overrides the threshold).
 
     `model`: a model URI (`models:/name@alias`, `models:/name/3`, `runs:/<id>/submission_model`),
     a local pyfunc model folder (as baked into the container), or the id of a train_cv run
-    (its fold checkpoints; threshold of its newest evaluate run, else 0.5).
+    (its fold checkpoints; the threshold rule of its newest evaluate run, else 0.5).
     """
     from models.checkpoint import resolve_device
     device = str(resolve_device(device))
     if re.fullmatch(r"[0-9a-f]{32}", model):
-        ensemble = runs.load_ensemble(model, device=device)
-        found = runs.latest_threshold(model)
+        ev = runs.latest_evaluate_run(model)
+        found = runs.run_threshold(ev) if ev is not None else None
+        ensemble = runs.load_ensemble(model, device=device,
+                                      fold_thresholds=runs.run_fold_thresholds(ev) if ev is not None else None)
         t = threshold if threshold is not None else (found if found is not None else DEFAULT_THRESHOLD)
         return Predictor(ensemble, float(t), f"train_cv run {model}")
     if "://" not in model and ":/" not in model and not (Path(model) / "MLmodel").is_file():

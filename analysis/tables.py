@@ -13,13 +13,12 @@ import numpy as np
 import pandas as pd
 
 from analysis import keys
+from analysis.queries import RECIPE_DEFAULTS, EvalRun, TrainRow
+from data_tools.errors import ConfigError
+from models.backbones import resolve_backbone
+from models.finetune import Finetune
 from models.metrics import mean_and_population_sd
-from analysis.queries import EvalRun, TrainRow
 
-BACKBONE_NAMES = {"convnext": "ConvNeXt-Small", "lunit": "Lunit SSL"}
-# backbone_set=demo: the small members of the same families (models.backbones.DEMO), named for what ran
-DEMO_BACKBONE_NAMES = {"convnext": "demo ConvNeXt-Atto-shaped", "lunit": "demo ViT-Tiny-width/8",
-                       "lunit_s16": "demo ViT-Tiny-width/16"}
 REGIME_NAMES = {keys.REAL_ONLY: "real", keys.SYNTH_BALANCED: "real+synth"}
 TABLE2_COLUMNS = {"auroc": "AUROC", "accuracy": "Accuracy", "sensitivity": "Sensitivity",
                   "specificity": "Specificity", "ba": "Bal. Acc."}
@@ -29,18 +28,50 @@ MISSING = "—"
 
 
 def backbone_name(backbone: str, backbone_set: str | None = None) -> str:
-    """The paper's name of a backbone, or the demo member's when the run trained that; else as given."""
-    return (DEMO_BACKBONE_NAMES if backbone_set == "demo" else BACKBONE_NAMES).get(backbone, backbone)
+    """The architecture that ran: the registry's name for it in that set (the paper's names in
+    `paper`, the small members' in `demo`); an unknown name as given."""
+    try:
+        return resolve_backbone(backbone, backbone_set or "paper").display or backbone
+    except ConfigError:
+        return backbone
 
 
-def row_label(backbone: str, regime: str, split: str = "group", backbone_set: str | None = None) -> str:
-    """'ConvNeXt-Small (real)', the paper's row names ('... [LODO]' for leave-one-domain-out rows)."""
+# the parts of a recipe that the tables name where they differ from the paper's
+_QUALIFIERS = {keys.P_LOSS: {"focal": "focal loss", "domain_focal": "domain focal"},
+               keys.P_SAMPLER: {"balanced": "balanced sampler"},
+               keys.P_AUGMENT: {"strong": "strong aug", "none": "no aug"}}
+
+
+def recipe_name(backbone: str, recipe: dict[str, str] | None = None) -> str:
+    """What a row trained, e.g. 'ConvNeXt-Small', 'ConvNeXt-Atto-shaped [demo, scratch]',
+    'UNI2-h + LoRA r8 [domain focal, strong aug]' (queries.recipe gives `recipe`)."""
+    rec = {**RECIPE_DEFAULTS, **(recipe or {})}
+    found = [] if rec[keys.P_BACKBONE_SET] == "paper" else [rec[keys.P_BACKBONE_SET]]
+    pretrained = rec[keys.P_PRETRAINED]
+    if pretrained in ("", "none"):
+        found.append("scratch")
+    elif pretrained != "hub":
+        found.append(f"weights {Path(pretrained).name}")
+    found += [names[rec[k]] for k, names in _QUALIFIERS.items() if rec[k] in names]
+    rank = int(rec[keys.P_LORA_RANK]) if str(rec[keys.P_LORA_RANK]).isdigit() else 0
+    mode = Finetune(rec[keys.P_FINETUNE], rank).label
+    return f"{backbone_name(backbone, rec[keys.P_BACKBONE_SET])}{mode}" + (f" [{', '.join(found)}]" if found else "")
+
+
+def row_label(backbone: str, regime: str, split: str = "group", recipe: dict[str, str] | None = None) -> str:
+    """'ConvNeXt-Small (real)', the paper's row names, for what actually ran ('... [LODO]' for
+    leave-one-domain-out rows)."""
     lodo = " [LODO]" if split == keys.LODO else ""
-    return f"{backbone_name(backbone, backbone_set)} ({REGIME_NAMES.get(regime, regime)}){lodo}"
+    return f"{recipe_name(backbone, recipe)} ({REGIME_NAMES.get(regime, regime)}){lodo}"
 
 
 def label(row: TrainRow) -> str:
-    return row_label(row.backbone, row.regime, row.split, row.run.data.params.get(keys.P_BACKBONE_SET))
+    return row_label(row.backbone, row.regime, row.split, dict(row.recipe))
+
+
+def group_label(row: TrainRow) -> str:
+    """A row's name without its regime: what the regime comparison compares within."""
+    return recipe_name(row.backbone, dict(row.recipe))
 
 
 def _ids(row: TrainRow) -> dict[str, str]:
@@ -198,5 +229,5 @@ def comparison_table(records: list[dict]) -> pd.DataFrame:
             "bootstrap p": _p(b["p_value"]) if b else MISSING,
             "DeLong p": _p(d["p_value"]) if d else MISSING,
         })
-    index = pd.Index([backbone_name(r["backbone"], r.get("backbone_set")) for r in records], name="Backbone")
+    index = pd.Index([r.get("group") or r["backbone"] for r in records], name="Backbone")
     return pd.DataFrame(out, index=index)

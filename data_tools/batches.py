@@ -4,7 +4,8 @@ A `CropPool` is a list of (store array, row) pairs with labels and ids: a fold's
 split, optionally with synthetic crops from a second store, or a validation split. Batches
 are gathered with sorted row reads (sequential on disk), optionally by a background thread
 that keeps the next batches ready while the model computes, and come out as uint8
-[B, H, W, 3] tensors (pinned for an asynchronous copy when the target is a GPU).
+[B, H, W, 3] tensors (pinned for an asynchronous copy when the target is a GPU). An epoch's
+order is a permutation (`shuffle`) or a class-balanced draw (`balanced`, `epoch_order`).
 """
 from __future__ import annotations
 
@@ -18,7 +19,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from data_tools.constants import ATYPICAL, NORMAL
+from data_tools.errors import ConfigError
 from data_tools.store import Store
+
+SAMPLERS = ("shuffle", "balanced")
 
 
 @dataclass
@@ -82,6 +87,31 @@ def _resized(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         y = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         out[s:s + 512] = y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return out
+
+
+def epoch_order(sampler: str, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One epoch's positions into a pool with these labels: each once in random order
+    (`shuffle`: `rng.permutation`, as before samplers existed) or `balanced_order`."""
+    if sampler == "shuffle":
+        return rng.permutation(len(labels))
+    if sampler == "balanced":
+        return balanced_order(labels, rng)
+    raise ConfigError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+
+
+def balanced_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """len(labels) positions, half of them (the odd one by a coin) from each class, shuffled.
+    A class is drawn without replacement while it has enough crops, with replacement (its crops
+    repeat) when not: the rare class repeats, the common one is subsampled afresh each epoch."""
+    labels = np.asarray(labels)
+    by_class = [np.flatnonzero(labels == NORMAL), np.flatnonzero(labels == ATYPICAL)]
+    if min(len(c) for c in by_class) == 0:
+        raise ConfigError(f"sampler=balanced needs crops of both classes; this pool has "
+                          f"{len(by_class[0])} normal and {len(by_class[1])} atypical")
+    n = len(labels)
+    n_pos = n // 2 + int(n % 2 and rng.random() < 0.5)
+    picks = [rng.choice(c, size=k, replace=k > len(c)) for c, k in zip(by_class, (n - n_pos, n_pos))]
+    return rng.permutation(np.concatenate(picks))
 
 
 def iterate_batches(pool: CropPool, batch_size: int, order: np.ndarray | None = None, prefetch: int = 2,

@@ -1,17 +1,19 @@
 """The backbone registry: what a backbone name means in a profile.
 
-Each entry knows its timm architecture, input size, normalisation, where its pretrained
-weights live and its default learning rate. In the `paper` profile the names are the
-paper's networks; in `demo` `convnext` and `lunit` resolve to small members of the same
-families at a reduced input size, so that the tables keep the paper's rows on a laptop.
-Any other name is taken as a timm model name and passes through with timm's own config.
+Each entry knows its timm architecture (with the model card's arguments), input size,
+normalisation, pooling, where its pretrained weights live and its default learning rate. In
+the `paper` set the names are the paper's networks and the pathology foundation models of
+MIDOG 2025's leaderboard (UNI2-h, Virchow2, H-optimus-0, DINOv3); in `demo` `convnext` and
+`lunit` resolve to small members of the same families at a reduced input size, so that the
+tables keep the paper's rows on a laptop. Any other name is taken as a timm model name and
+passes through with timm's own config.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from data_tools.constants import IMAGENET_MEAN, IMAGENET_STD, LUNIT_MEAN, LUNIT_STD
+from data_tools.constants import HOPTIMUS_MEAN, HOPTIMUS_STD, IMAGENET_MEAN, IMAGENET_STD, LUNIT_MEAN, LUNIT_STD
 from data_tools.errors import ConfigError
 
 
@@ -26,6 +28,9 @@ class BackboneSpec:
     default_lr: float
     family: str  # "convnext" | "vit" | "timm"
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+    display: str = ""  # what the tables call the architecture and its weights, e.g. "UNI2-h"
+    gated: bool = False  # the hub repository asks each user to accept its licence (HF_TOKEN needed)
+    pool: str = ""  # "" = timm's own head; "cls+mean" = [class token, mean of patch tokens] (Virchow2)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -39,18 +44,20 @@ class BackboneSpec:
         return cls(**d)
 
 
-def _vit(name: str, timm_name: str, size: int, hub_id: str | None, lr: float, **kwargs) -> BackboneSpec:
+def _vit(name: str, timm_name: str, size: int, hub_id: str | None, lr: float, display: str = "",
+         **kwargs) -> BackboneSpec:
     # the [CLS] token, projected to one logit, is the ViT's head
     return BackboneSpec(name, timm_name, size, LUNIT_MEAN, LUNIT_STD, hub_id, lr, "vit",
-                        {"img_size": size, "global_pool": "token", **kwargs})
+                        {"img_size": size, "global_pool": "token", **kwargs}, display=display)
 
 
 PAPER: dict[str, BackboneSpec] = {
     "convnext": BackboneSpec("convnext", "convnext_small.fb_in1k", 128, IMAGENET_MEAN, IMAGENET_STD,
-                             "timm/convnext_small.fb_in1k", 1e-4, "convnext"),
-    "lunit": _vit("lunit", "vit_small_patch8_224", 224, "hf-hub:1aurent/vit_small_patch8_224.lunit_dino", 1e-5),
+                             "timm/convnext_small.fb_in1k", 1e-4, "convnext", display="ConvNeXt-Small"),
+    "lunit": _vit("lunit", "vit_small_patch8_224", 224, "hf-hub:1aurent/vit_small_patch8_224.lunit_dino", 1e-5,
+                  display="Lunit SSL"),
     "lunit_s16": _vit("lunit_s16", "vit_small_patch16_224", 224, "hf-hub:1aurent/vit_small_patch16_224.lunit_dino",
-                      1e-5),
+                      1e-5, display="Lunit SSL ViT-S/16"),
 }
 
 # Small members of the two families, trained from scratch on 2 CPU cores in the demo
@@ -66,10 +73,42 @@ PAPER: dict[str, BackboneSpec] = {
 DEMO: dict[str, BackboneSpec] = {
     "convnext": BackboneSpec("convnext", "convnext_atto", 48, IMAGENET_MEAN, IMAGENET_STD, None, 2e-3, "convnext",
                              {"dims": (24, 48, 96, 192), "depths": (2, 2, 4, 2), "norm_layer": "batchnorm2d",
-                              "conv_mlp": True, "global_pool": "max"}),
-    "lunit": _vit("lunit", "vit_tiny_patch16_224", 48, None, 3e-4, patch_size=8, depth=2),
-    "lunit_s16": _vit("lunit_s16", "vit_tiny_patch16_224", 48, None, 3e-4, patch_size=16, depth=2),
+                              "conv_mlp": True, "global_pool": "max"}, display="ConvNeXt-Atto-shaped"),
+    "lunit": _vit("lunit", "vit_tiny_patch16_224", 48, None, 3e-4, "ViT-Tiny-width/8", patch_size=8, depth=2),
+    "lunit_s16": _vit("lunit_s16", "vit_tiny_patch16_224", 48, None, 3e-4, "ViT-Tiny-width/16",
+                      patch_size=16, depth=2),
 }
+
+# Pathology foundation models, as their model cards create them with timm (arguments that are
+# classes are named: models.classifier resolves them). All are gated on the hub.
+_CARD_SWIGLU = {"mlp_layer": "swiglu_packed", "act_layer": "silu"}
+FOUNDATION: dict[str, BackboneSpec] = {
+    # UNI2-h: ViT-H/14 with 8 register tokens, SwiGLU; class token
+    "uni2": BackboneSpec("uni2", "vit_giant_patch14_224", 224, IMAGENET_MEAN, IMAGENET_STD, "hf-hub:MahmoodLab/UNI2-h",
+                         5e-5, "vit", {"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24,
+                                       "init_values": 1e-5, "embed_dim": 1536, "mlp_ratio": 2.66667 * 2,
+                                       "no_embed_class": True, "reg_tokens": 8, "dynamic_img_size": True,
+                                       **_CARD_SWIGLU}, display="UNI2-h", gated=True),
+    # Virchow2: ViT-H/14 with 4 register tokens, SwiGLU; the embedding is [class token, mean of patch tokens]
+    "virchow2": BackboneSpec("virchow2", "vit_huge_patch14_224", 224, IMAGENET_MEAN, IMAGENET_STD,
+                             "hf-hub:paige-ai/Virchow2", 5e-5, "vit",
+                             {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "reg_tokens": 4,
+                              "dynamic_img_size": True, **_CARD_SWIGLU},
+                             display="Virchow2", gated=True, pool="cls+mean"),
+    # H-optimus-0: ViT-g/14 (DINOv2 with 4 registers), its own normalisation; class token
+    "hoptimus0": BackboneSpec("hoptimus0", "vit_giant_patch14_reg4_dinov2", 224, HOPTIMUS_MEAN, HOPTIMUS_STD,
+                              "hf-hub:bioptimus/H-optimus-0", 5e-5, "vit",
+                              {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False, "global_pool": "token"},
+                              display="H-optimus-0", gated=True),
+    # DINOv3 ViT-H+/16 (the MIDOG 2025 Track 2 winner's backbone) and its small member for laptops
+    "dinov3": BackboneSpec("dinov3", "vit_huge_plus_patch16_dinov3", 224, IMAGENET_MEAN, IMAGENET_STD,
+                           "hf-hub:timm/vit_huge_plus_patch16_dinov3.lvd1689m", 5e-5, "vit", {"img_size": 224},
+                           display="DINOv3 ViT-H+/16", gated=True),
+    "dinov3_s": BackboneSpec("dinov3_s", "vit_small_patch16_dinov3", 224, IMAGENET_MEAN, IMAGENET_STD,
+                             "hf-hub:timm/vit_small_patch16_dinov3.lvd1689m", 5e-5, "vit", {"img_size": 224},
+                             display="DINOv3 ViT-S/16", gated=True),
+}
+PAPER.update(FOUNDATION)
 REGISTRY = {"paper": PAPER, "demo": DEMO}
 
 
@@ -94,4 +133,5 @@ def _timm_passthrough(name: str) -> BackboneSpec:
     if hub and hub.endswith("/"):
         hub += name  # timm's shorthand "timm/" means timm/<model.tag>
     family = "vit" if name.startswith(("vit_", "deit")) else "convnext" if name.startswith("convnext") else "timm"
-    return BackboneSpec(name, name, int(cfg.input_size[-1]), tuple(cfg.mean), tuple(cfg.std), hub, 1e-4, family)
+    return BackboneSpec(name, name, int(cfg.input_size[-1]), tuple(cfg.mean), tuple(cfg.std), hub, 1e-4, family,
+                        display=name)

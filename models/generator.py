@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -121,11 +121,11 @@ def null_class(dit: DiTTransformer2DModel) -> int:
     return int(dit.config.num_embeds_ada_norm)
 
 
-def drop_labels(labels: torch.Tensor, p: float, null: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def drop_labels(labels: torch.Tensor, p: float, null: int, draws: BatchRandom | None = None) -> torch.Tensor:
     """Classifier-free-guidance dropout: each sample's label becomes `null` with probability p."""
     if p <= 0:
         return labels
-    drop = torch.rand(labels.shape, generator=generator) < p
+    drop = (draws or BatchRandom(None, len(labels))).rand() < p
     return torch.where(drop.to(labels.device), torch.full_like(labels, null), labels)
 
 
@@ -143,6 +143,30 @@ def ddpm_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
 
 # ---------------------------------------------------------------- losses (one training step each)
 
+@dataclass(frozen=True)
+class BatchRandom:
+    """The random numbers of one training batch, drawn for the whole batch of `size` samples
+    and cut to `rows`, the share of one of several data-parallel processes. Every process draws
+    the same numbers from the same seeded generator, so N processes together see exactly what
+    one process would (one process: all rows). generator None: torch's global generator."""
+    generator: torch.Generator | None
+    size: int
+    rows: slice = field(default_factory=lambda: slice(None))  # a slice is unhashable: no plain default
+
+    def take(self, batch):
+        """This process's rows of something with one row per sample of the whole batch."""
+        return batch[self.rows]
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn((self.size, *shape), generator=self.generator)[self.rows]
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        return torch.rand((self.size, *shape), generator=self.generator)[self.rows]
+
+    def randint(self, high: int, *shape: int) -> torch.Tensor:
+        return torch.randint(high, (self.size, *shape), generator=self.generator)[self.rows]
+
+
 def to_pixels(batch: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]."""
     x = torch.tensor(np.asarray(batch)).to(device)
@@ -156,22 +180,24 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def vae_loss(vae: AutoencoderKL, x: torch.Tensor, kl_weight: float,
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """L1 reconstruction + kl_weight * KL per latent element (the KL keeps latents smooth for the DiT)."""
+             draws: BatchRandom | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L1 reconstruction + kl_weight * KL per latent element (the KL keeps latents smooth for the DiT).
+    The parts come back as detached tensors: reading them (a host sync) is the caller's choice."""
+    draws = draws or BatchRandom(None, len(x))
     posterior = vae.encode(x).latent_dist
-    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(x.device)
+    z = posterior.mean + posterior.std * draws.randn(*posterior.mean.shape[1:]).to(x.device)
     rec = (vae.decode(z).sample - x).abs().mean()
     kl = posterior.kl().mean() / posterior.mean[0].numel()
     loss = rec + kl_weight * kl
-    return loss, {"rec": rec.item(), "kl": kl.item()}
+    return loss, {"rec": rec.detach(), "kl": kl.detach()}
 
 
 def diffusion_loss(dit: DiTTransformer2DModel, scheduler: DDPMScheduler, latents: torch.Tensor,
-                   labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+                   labels: torch.Tensor, draws: BatchRandom | None = None) -> torch.Tensor:
     """The DDPM objective: noise the latents at a random timestep, predict the noise (MSE)."""
-    n = latents.shape[0]
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator).to(latents.device)
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    draws = draws or BatchRandom(None, len(latents))
+    t = draws.randint(scheduler.config.num_train_timesteps).to(latents.device)
+    noise = draws.randn(*latents.shape[1:]).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
     return F.mse_loss(predict_eps(dit, noisy, t, labels).float(), noise)
 

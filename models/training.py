@@ -3,6 +3,9 @@
 NAdam, cosine annealing with warm restarts every `restart_epochs` epochs (stepped per
 batch), BCE on one logit, validation AUROC picks the best epoch (BA at 0.5 beside it).
 Batches come from the store's uint8 memmap and are augmented as tensors on the device.
+Beyond the paper: which weights train (`finetune`: full, LoRA, linear probe;
+models/finetune.py), the loss (focal, domain-weighted focal; models/losses.py) and a
+class-balanced sampler.
 
 Resumable: after every epoch the whole training state (model, optimizer, scheduler, RNG,
 history, best so far) is written atomically to `workdir/state.pt`; the best model lives in
@@ -32,7 +35,7 @@ from tqdm.auto import tqdm
 from data_tools.errors import ConfigError
 from models.metrics import binary_metrics
 from data_tools.augment import PRESETS, augment_and_preprocess, preprocess, preset
-from data_tools.batches import CropPool, concat_pools, iterate_batches, pool_from_store
+from data_tools.batches import SAMPLERS, CropPool, concat_pools, epoch_order, iterate_batches, pool_from_store
 from data_tools.constants import ATYPICAL, NORMAL
 from data_tools.folds import balance_count
 from data_tools.provenance import check_synthetic_for_fold
@@ -40,7 +43,10 @@ from data_tools.params import identity_fields, param
 from data_tools.store import Store
 from models.backbones import REGISTRY, BackboneSpec, resolve_backbone
 from models.checkpoint import resolve_device, save_checkpoint
-from models.classifier import build_classifier, predict_logits
+from models.classifier import build_classifier, predict_logits, weights_identity
+from models.finetune import (FINETUNE_MODES, Finetune, apply_finetune, count_params, load_trained_state, train_mode,
+                             trained_state)
+from models.losses import LOSSES, classification_loss, domain_weights
 
 STATE, BEST, BEST_PREDICTIONS = "state.pt", "best", "best_val_predictions.csv"
 
@@ -60,7 +66,21 @@ class TrainConfig:
     device: str = param("auto | cpu | cuda", identity=False)
     n_synthetic: int | None = param("synthetic atypical crops per fold (balance: as many as balance the classes)",
                                      none="balance")
-    augment: str = param("paper | flips | none (data_tools.augment.PRESETS)", choices=tuple(PRESETS))
+    augment: str = param("paper | flips | strong | none (data_tools.augment.PRESETS)", choices=tuple(PRESETS))
+    finetune: str = param("full | lora (peft adapters + head) | linear (frozen backbone, trained head)",
+                          choices=FINETUNE_MODES)
+    lora_rank: int = param("LoRA rank (finetune=lora)")
+    lora_alpha: float = param("LoRA alpha (finetune=lora)")
+    lora_dropout: float = param("LoRA dropout (finetune=lora)")
+    lora_targets: str = param("comma-separated module names in the blocks that get LoRA adapters")
+    loss: str = param("bce | focal | domain_focal (focal, each crop weighted by the inverse frequency of its domain "
+                      "in the fold's training split)", choices=LOSSES)
+    focal_gamma: float = param("focal loss gamma (loss=focal, domain_focal)")
+    pos_weight: float | None = param("weight of the atypical class in the loss (none: 1)")
+    sampler: str = param("shuffle | balanced (each batch draws both classes equally, with replacement)",
+                         choices=SAMPLERS)
+    compile: bool = param("torch.compile the model: faster steps after a one-off compile of a minute or more "
+                          "(scripts/bench_gpu.py measures both)", identity=False)
 
     EVAL_BATCH_SIZE: ClassVar[int] = 128
     PREFETCH: ClassVar[int] = 2  # batches gathered ahead by a background thread
@@ -70,6 +90,14 @@ class TrainConfig:
 
     def learning_rate(self) -> float:
         return float(self.lr) if self.lr is not None else self.spec().default_lr
+
+    def finetune_spec(self) -> Finetune:
+        return Finetune(self.finetune, self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(parameters, trainable parameters) of the fold model, counted on the meta device (no memory)."""
+        with torch.device("meta"):
+            return count_params(apply_finetune(build_classifier(self.spec()), self.finetune_spec()))
 
 
 @dataclass
@@ -176,15 +204,25 @@ def predict_pool(model: torch.nn.Module, spec: BackboneSpec, pool: CropPool, dev
     return torch.sigmoid(z).numpy(), loss
 
 
+def _domain_loss_weights(pool: CropPool, n_syn: int) -> torch.Tensor:
+    """Per crop: the inverse frequency of its domain among the real crops (mean 1); the synthetic
+    crops (last in the pool) weigh 1, not as one more domain that would outweigh every real one."""
+    n_real = len(pool) - n_syn
+    w = np.ones(len(pool), np.float32)
+    w[:n_real] = domain_weights(pool.domains[:n_real])
+    return torch.from_numpy(w)
+
+
 def _train_epoch(model, opt, sched, pool: CropPool, spec: BackboneSpec, cfg: TrainConfig, device: torch.device,
-                 k: int, epoch: int) -> float:
-    model.train()
+                 k: int, epoch: int, weights: torch.Tensor | None) -> float:
+    """One epoch; `weights`: per-crop loss weights of the pool (domain_focal), else None."""
+    train_mode(model, cfg.finetune_spec())
     aug = preset(cfg.augment)
-    order = np.random.default_rng([cfg.seed, k, epoch]).permutation(len(pool))
+    order = epoch_order(cfg.sampler, pool.labels, np.random.default_rng([cfg.seed, k, epoch]))
     gen = torch.Generator().manual_seed(_derived_seed(cfg.seed, k, epoch, 1))
     cuda = device.type == "cuda"
     total = torch.zeros((), device=device)
-    n_batches = math.ceil(len(pool) / cfg.batch_size)
+    n_batches = math.ceil(len(order) / cfg.batch_size)
 
     def prepare(images: torch.Tensor) -> torch.Tensor:
         if aug is None:
@@ -193,20 +231,22 @@ def _train_epoch(model, opt, sched, pool: CropPool, spec: BackboneSpec, cfg: Tra
 
     bar = tqdm(iterate_batches(pool, cfg.batch_size, order, prefetch=cfg.PREFETCH, pin=cuda), total=n_batches,
                desc=f"fold {k} epoch {epoch}/{cfg.epochs}", leave=False, mininterval=2.0)
-    for images, labels, _ in bar:
+    for images, labels, positions in bar:
         x = prepare(images)  # in the step's thread: a second thread would fight the model's threads on a CPU
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             z = model(x).reshape(-1)
-        loss = F.binary_cross_entropy_with_logits(z.float(), y)
+        w = weights[positions].to(device, non_blocking=True) if weights is not None else None
+        loss = classification_loss(z.float(), y, cfg.loss, focal_gamma=cfg.focal_gamma, pos_weight=cfg.pos_weight,
+                                   sample_weights=w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         total += loss.detach() * len(y)
-    return float(total.item()) / len(pool)
+    return float(total.item()) / len(order)
 
 
 def train_fold(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None = None,
@@ -228,17 +268,25 @@ def train_fold(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None =
 
     set_determinism()
     torch.manual_seed(_derived_seed(cfg.seed, k))
-    model = build_classifier(spec, "none" if state else cfg.pretrained).to(device)
+    ft = cfg.finetune_spec()
+    # a resumed full fine-tuning gets every weight from the state; a frozen backbone is rebuilt from its weights
+    whole_state = ft.mode == "full" or cfg.pretrained in ("", "none")
+    model = apply_finetune(build_classifier(spec, "none" if state and whole_state else cfg.pretrained), ft).to(device)
+    base = weights_identity(spec, cfg.pretrained) if ft.mode != "full" else None
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.NAdam(model.parameters(), lr=cfg.learning_rate())
+    opt = torch.optim.NAdam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate())
+    weights = _domain_loss_weights(train_pool, n_syn) if cfg.loss == "domain_focal" else None
     steps = math.ceil(len(train_pool) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=max(1, cfg.restart_epochs * steps))
     history: list[dict[str, float]] = []
     best = {"auroc": -math.inf, "ba": math.nan, "epoch": 0}
     start = 1
     if state:
-        model.load_state_dict(state["model"])
+        if whole_state:
+            model.load_state_dict(state["model"])
+        else:
+            load_trained_state(model, state["model"], str(workdir / STATE))
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -246,11 +294,12 @@ def train_fold(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None =
         tqdm.write(f"fold {k}: resuming after epoch {state['epoch']} from {workdir / STATE}")
 
     val_y = val_pool.labels.astype(np.int64)
+    forward = torch.compile(model) if cfg.compile else model  # shares the weights: save and resume use `model`
     for epoch in range(start, cfg.epochs + 1):
         lr = opt.param_groups[0]["lr"]
         t0 = time.perf_counter()
-        train_loss = _train_epoch(model, opt, sched, train_pool, spec, cfg, device, k, epoch)
-        probs, val_loss = predict_pool(model, spec, val_pool, device, cfg.EVAL_BATCH_SIZE)
+        train_loss = _train_epoch(forward, opt, sched, train_pool, spec, cfg, device, k, epoch, weights)
+        probs, val_loss = predict_pool(forward, spec, val_pool, device, cfg.EVAL_BATCH_SIZE)
         m = binary_metrics(val_y, probs, 0.5)
         metrics = EpochMetrics(train_loss, val_loss, m["auroc"], m["ba"], lr)
         tqdm.write(f"fold {k} epoch {epoch}/{cfg.epochs}: train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
@@ -259,7 +308,7 @@ def train_fold(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None =
             best = {"auroc": m["auroc"], "ba": m["ba"], "epoch": epoch}
             save_checkpoint(model, spec, workdir / BEST, extra={
                 "backbone_set": cfg.backbone_set, "backbone": cfg.backbone, "fold": k, "epoch": epoch, "seed": cfg.seed,
-                "val_auroc": m["auroc"], "val_ba": m["ba"], "data_digest": store.digest})
+                "val_auroc": m["auroc"], "val_ba": m["ba"], "data_digest": store.digest}, finetune=ft, base=base)
             preds = val_pool.frame().assign(prob=probs.astype(np.float64))[["sample_id", "label", "prob", "domain"]]
             tmp = workdir / (BEST_PREDICTIONS + ".tmp")
             preds.to_csv(tmp, index=False)
@@ -267,7 +316,8 @@ def train_fold(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None =
         history.append(dataclasses.asdict(metrics))
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-        _save_atomic({"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
+        _save_atomic({"fingerprint": fingerprint, "epoch": epoch,
+                      "model": model.state_dict() if whole_state else trained_state(model),
                       "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                       "torch_rng": torch.get_rng_state(), "history": history, "best": best}, workdir / STATE)
 

@@ -1,8 +1,13 @@
 """evaluate: the fold ensemble of a train_cv run on a test store.
 
-Mean probability over the fold models; threshold `0.5` (the paper), a number, or `cv_ba`
+The mean probability of the fold models at threshold `0.5` (the paper), a number, or `cv_ba`
 (the BA-optimal threshold on the pooled out-of-fold validation predictions, which the
-paper names as missing). Before predicting, the test store is checked against the
+paper names as missing); or `fold_ba`: each fold model's own BA-optimal threshold t_k, by a
+Platt calibration on its out-of-fold predictions (models.metrics.calibrated_ba_threshold), and
+the ensemble's score sigmoid(mean_k(logit_k - logit t_k)) at 0.5 (models/ensemble.py): a
+threshold on single models' pooled predictions does not transfer to their mean, each model's
+own boundary does. The t_k are logged (`fold<k>_threshold`), so the registered model and
+`predict` decide as evaluate did. Before predicting, the test store is checked against the
 training store for shared images; overlap is refused unless `allow_overlap`, and then the
 ids are logged. Metrics with bootstrap 95% intervals overall and per domain,
 `predictions.csv`, ROC and confusion-matrix figures.
@@ -30,7 +35,8 @@ from data_tools.errors import ConfigError, UserError
 from data_tools.params import param  # noqa: E402
 from data_tools.store import Store, open_store  # noqa: E402
 from models.checkpoint import resolve_device  # noqa: E402
-from models.metrics import METRICS, ba_optimal_threshold, bootstrap_metrics  # noqa: E402
+from models.metrics import METRICS, ba_optimal_threshold, bootstrap_metrics, calibrated_ba_threshold  # noqa: E402
+from models.tta import TTA_MODES  # noqa: E402
 from pipelines.common import cli_step, log_params, log_store, step_run  # noqa: E402
 from pipelines.config import StepConfig, as_params, from_cli  # noqa: E402
 
@@ -43,12 +49,15 @@ class OverlapError(UserError, RuntimeError):
 class EvaluateConfig(StepConfig):
     train_run_id: str = param("train_cv parent run whose fold ensemble is evaluated", required=True)
     test_data: str = param("test store folder", required=True)
-    threshold: str = param("0.5 (the paper) | a number in [0, 1] | cv_ba (BA-optimal on the out-of-fold predictions)")
+    threshold: str = param("0.5 (the paper) | a number in [0, 1] | cv_ba (BA-optimal on the pooled out-of-fold "
+                           "predictions) | fold_ba (each fold model at its own BA-optimal threshold, calibrated on "
+                           "its out-of-fold predictions)")
     allow_overlap: bool = param("go on when the test store shares images with the training store (ids logged)")
     device: str = param("auto | cpu | cuda", identity=False)
     n_boot: int = param("bootstrap resamples of the 95% intervals")
     batch_size: int = param("inference batch size", identity=False)
-    tta: bool = param("average over the four flips")
+    tta: str = param("test-time augmentation: none | flips (the four flips) | d4 (the 8 rotations and flips)",
+                     choices=TTA_MODES)
 
     STEP = keys.EVALUATE
 
@@ -61,17 +70,31 @@ def oof_predictions(train_run_id: str) -> pd.DataFrame:
     return runs.oof_predictions(runs.complete_fold_runs(MlflowClient(), train_run_id))
 
 
-def choose_threshold(spec: str, train_run_id: str) -> float:
-    if spec == "cv_ba":
+def fold_thresholds(oof: pd.DataFrame) -> dict[int, float]:
+    """{k: the BA-optimal threshold of fold model k, calibrated on its own out-of-fold predictions}."""
+    out = {}
+    for k, g in oof.groupby("fold", sort=True):
+        if g["label"].nunique() < 2:
+            raise ConfigError(f"fold {k}'s out-of-fold predictions hold one class only: threshold=fold_ba cannot "
+                              f"place its threshold; use cv_ba or a number")
+        out[int(k)] = calibrated_ba_threshold(g["label"].to_numpy(), g["prob"].to_numpy())
+    return out
+
+
+def choose_threshold(spec: str, train_run_id: str) -> tuple[float, dict[int, float] | None]:
+    """(threshold on the ensemble's score, {k: t_k} for fold_ba else None)."""
+    if spec in ("cv_ba", "fold_ba"):
         oof = oof_predictions(train_run_id)
-        return ba_optimal_threshold(oof["label"].to_numpy(), oof["prob"].to_numpy())
+        if spec == "fold_ba":
+            return 0.5, fold_thresholds(oof)
+        return ba_optimal_threshold(oof["label"].to_numpy(), oof["prob"].to_numpy()), None
     try:
         value = float(spec)
     except ValueError:
-        raise ConfigError(f"threshold must be a number in [0, 1] or 'cv_ba', got {spec!r}") from None
+        raise ConfigError(f"threshold must be a number in [0, 1], 'cv_ba' or 'fold_ba', got {spec!r}") from None
     if not 0.0 <= value <= 1.0:
         raise ConfigError(f"threshold must lie in [0, 1], got {value}")
-    return value
+    return value, None
 
 
 def training_store(train_run_id: str) -> Store:
@@ -155,7 +178,7 @@ def run_evaluate(cfg: EvaluateConfig) -> str:
     train = runs.get_run(MlflowClient(), cfg.train_run_id, keys.TRAIN_CV)
     if runs.is_fold_run(train):
         raise ConfigError(f"run {cfg.train_run_id} is a fold run; give its train_cv parent run")
-    threshold = choose_threshold(cfg.threshold, cfg.train_run_id)
+    threshold, per_fold = choose_threshold(cfg.threshold, cfg.train_run_id)
     tags = {keys.TEST_SET: test.name, keys.BACKBONE: train.data.tags.get(keys.BACKBONE, ""),
             keys.REGIME: train.data.tags.get(keys.REGIME, "")}
     name = f"evaluate {tags[keys.BACKBONE]} / {tags[keys.REGIME]} on {test.name}"
@@ -167,7 +190,8 @@ def run_evaluate(cfg: EvaluateConfig) -> str:
         mlflow.log_metrics({k: train.data.metrics[k] for k in keys.CV_SUMMARY if k in train.data.metrics})
         with tempfile.TemporaryDirectory() as tmp:
             overlap = find_test_overlap(cfg.train_run_id, test, cfg.allow_overlap)
-            mlflow.log_metrics({keys.P_THRESHOLD: threshold, keys.N_OVERLAP: float(overlap["id_b"].nunique())})
+            mlflow.log_metrics({keys.P_THRESHOLD: threshold, keys.N_OVERLAP: float(overlap["id_b"].nunique()),
+                                **{keys.fold_metric(k, keys.FOLD_THRESHOLD): t for k, t in (per_fold or {}).items()}})
             if len(overlap):
                 overlap.to_csv(Path(tmp) / keys.OVERLAP_CSV, index=False)
                 mlflow.log_artifact(str(Path(tmp) / keys.OVERLAP_CSV))
@@ -177,7 +201,8 @@ def run_evaluate(cfg: EvaluateConfig) -> str:
                         f"(e.g. {overlap['id_b'].head(5).tolist()}; all in the run's overlap.csv); evaluate on a "
                         f"disjoint test set, or pass allow_overlap=true to go on")
                 print(f"warning: {overlap['id_b'].nunique()} test images overlap the training store (allow_overlap)")
-            ensemble = runs.load_ensemble(cfg.train_run_id, resolve_device(cfg.device), dst=Path(tmp) / "folds")
+            ensemble = runs.load_ensemble(cfg.train_run_id, resolve_device(cfg.device), dst=Path(tmp) / "folds",
+                                          fold_thresholds=per_fold)
             prob = ensemble.predict_proba(test.images, batch_size=cfg.batch_size, tta=cfg.tta)
             frame = test.index[["sample_id", "label", "domain"]].assign(prob=prob.astype(np.float64))
             frame["pred"] = (frame["prob"] >= threshold).astype(int)
@@ -191,7 +216,8 @@ def run_evaluate(cfg: EvaluateConfig) -> str:
                 mlflow.log_figure(domain_roc_figure(labelled), keys.FIG_ROC)
                 mlflow.log_figure(confusion_figure(labelled, threshold), keys.FIG_CONFUSION)
                 plt.close("all")
-                print(f"{name}: threshold {threshold:.4f}; " + ", ".join(_shown(metrics, m) for m in METRICS))
+                rule = f"{cfg.threshold} " if per_fold else ""
+                print(f"{name}: threshold {rule}{threshold:.4f}; " + ", ".join(_shown(metrics, m) for m in METRICS))
             else:
                 print(f"{name}: the test store has no labels; predictions only")
     return run.info.run_id

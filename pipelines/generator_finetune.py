@@ -7,6 +7,9 @@ epoch losses, previews, the generator (`vae/`, `dit/`), `train_ids.txt` and para
 `train_ids_digest`: the digest of exactly the ids it trained on, which synthesize writes
 into each synthetic store and train_cv checks. Refuses a pretraining run that saw any crop
 of this store's CV pool (every such crop is some fold's validation crop).
+
+Under `accelerate launch` each fold trains data-parallel over the launched processes, fold
+after fold, and only the main process logs (as in generator_pretrain).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+from accelerate import Accelerator
 
 from analysis import keys
 from data_tools.errors import ConfigError
@@ -26,10 +30,10 @@ from data_tools.provenance import LeakageError, fold_train_ids, ids_digest
 from data_tools.store import Store, open_store
 from models.generator import Generator, encode_moments
 from models.generator_training import FitConfig, fit_generator
-from models.checkpoint import resolve_device
-from pipelines.common import cli_step, log_params, log_store, step_run
+from pipelines.common import cli_step, log_params, log_store
 from pipelines.config import StepConfig, as_params, from_cli
-from pipelines.generator_pretrain import epoch_logger, log_generator
+from pipelines.generator_pretrain import (epoch_logger, log_generator, main_process_run, main_process_value,
+                                          training_processes)
 
 
 
@@ -77,7 +81,7 @@ def encoded_cv_pool(gen: Generator, store: Store, device) -> tuple[np.ndarray, t
 
 
 def finetune_fold(cfg: GeneratorFinetuneConfig, store: Store, k: int, pretrained: Generator, device,
-                  encoded: tuple | None) -> Path:
+                  encoded: tuple | None, accelerator: Accelerator | None = None) -> Path:
     """One nested fold run: fine-tune on fold k's training ids only, log the generator; returns its work folder."""
     rows = store.fold_rows(k)[0]
     moments = None
@@ -88,16 +92,18 @@ def finetune_fold(cfg: GeneratorFinetuneConfig, store: Store, k: int, pretrained
     digest = ids_digest(ids)
     workdir = Path(cfg.work_dir) / ("finetune-" + cfg.fingerprint(
         data=store.digest, fold=k, train_ids=digest, init=cfg.pretrain_run_id))
-    with step_run(keys.GENERATOR_FINETUNE, cfg.profile, run_name=f"fold {k}", tags={keys.FOLD: str(k)}, nested=True,
-                  system_metrics=True):
-        log_params({**as_params(cfg, identity_only=True), keys.FOLD: k, keys.P_TRAIN_IDS_DIGEST: digest,
-                    keys.P_N_TRAIN: len(ids)})
+    with main_process_run(accelerator, keys.GENERATOR_FINETUNE, cfg.profile, run_name=f"fold {k}",
+                          tags={keys.FOLD: str(k)}, nested=True, system_metrics=True) as run:
+        if run is not None:
+            log_params({**as_params(cfg, identity_only=True), keys.FOLD: k, keys.P_TRAIN_IDS_DIGEST: digest,
+                        keys.P_N_TRAIN: len(ids)})
         gen = fit_generator(store.images[rows], store.index["label"].to_numpy()[rows], cfg, workdir, device=device,
-                            init=pretrained, on_epoch=epoch_logger(), moments=moments)
-        gen.meta.update(trained_on=store.name, data_digest=store.digest, fold=k,
-                        pretrain_run_id=cfg.pretrain_run_id, train_ids_digest=digest)
-        log_generator(gen, ids)
-    print(f"fold {k}: fine-tuned on {len(ids)} crops")
+                            init=pretrained, on_epoch=epoch_logger(), moments=moments, accelerator=accelerator)
+        if run is not None:
+            gen.meta.update(trained_on=store.name, data_digest=store.digest, fold=k,
+                            pretrain_run_id=cfg.pretrain_run_id, train_ids_digest=digest)
+            log_generator(gen, ids)
+            print(f"fold {k}: fine-tuned on {len(ids)} crops")
     return workdir
 
 
@@ -106,14 +112,15 @@ def main(argv: list[str] | None = None) -> str:
     cfg = from_cli(GeneratorFinetuneConfig, argv, __doc__)
     store = open_store(cfg.data)
     folds = select_folds(cfg.folds, store.folds)
-    device = resolve_device(cfg.device)
+    accelerator, device = training_processes(cfg.device)
     workdirs = []
-    with step_run(keys.GENERATOR_FINETUNE, cfg.profile, run_name=f"finetune {store.name}") as parent, \
-            tempfile.TemporaryDirectory() as tmp:
-        log_params({**as_params(cfg), keys.P_DATA_PATH: str(store.path.resolve()),
-                    keys.P_FOLDS: ",".join(map(str, folds))})
-        log_store(store, "training")
-        pretrained_dir = download_generator(cfg.pretrain_run_id, tmp)
+    with main_process_run(accelerator, keys.GENERATOR_FINETUNE, cfg.profile,
+                          run_name=f"finetune {store.name}") as parent, tempfile.TemporaryDirectory() as tmp:
+        if parent is not None:
+            log_params({**as_params(cfg), keys.P_DATA_PATH: str(store.path.resolve()),
+                        keys.P_FOLDS: ",".join(map(str, folds))})
+            log_store(store, "training")
+        pretrained_dir = download_generator(cfg.pretrain_run_id, tmp)  # every process its own copy
         check_pretraining(pretrained_dir / keys.TRAIN_IDS, store)
         pretrained = Generator.load(pretrained_dir, device)
         made = pretrained.meta.get("arch", "tiny")
@@ -121,11 +128,13 @@ def main(argv: list[str] | None = None) -> str:
             raise ConfigError(f"arch={cfg.arch!r}, but pretraining run {cfg.pretrain_run_id} made a {made!r} "
                              f"generator: pass arch={made}")
         encoded = encoded_cv_pool(pretrained, store, device) if cfg.vae_epochs == 0 else None
-        workdirs = [finetune_fold(cfg, store, k, pretrained, device, encoded) for k in folds]
-    for w in workdirs:
-        shutil.rmtree(w, ignore_errors=True)
-    print(f"fine-tuned generators: run {parent.info.run_id} (folds {folds})")
-    return parent.info.run_id
+        workdirs = [finetune_fold(cfg, store, k, pretrained, device, encoded, accelerator) for k in folds]
+    run_id = main_process_value(accelerator, parent.info.run_id if parent is not None else None)
+    if parent is not None:
+        for w in workdirs:
+            shutil.rmtree(w, ignore_errors=True)
+        print(f"fine-tuned generators: run {run_id} (folds {folds})")
+    return run_id
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from analysis import keys
 from analysis.submission import check_output, export_model, load_predictor, write_predictions
 from data_tools.inputs import load_inputs
 from data_tools.params import param
+from models.tta import TTA_MODES
 from pipelines.common import cli_step, log_params, step_run
 from pipelines.config import StepConfig, as_params, from_cli
 
@@ -30,10 +31,11 @@ class PredictConfig(StepConfig):
     model: str = param("model URI (models:/name@alias, runs:/...), a local pyfunc model folder, or a train_cv run id")
     input: str = param("a platform stack, a folder of stacks or crops, or a store")
     output: str = param("*.json (the platform's format) or *.csv")
-    tta: bool = param("average over the four flips")
+    tta: str = param("test-time augmentation: none | flips (the four flips) | d4 (the 8 rotations and flips)",
+                     choices=TTA_MODES)
     batch_size: int = param("inference batch size")
     device: str = param("auto | cpu | cuda")
-    threshold: float | None = param("override the model's threshold (none: the model's own)")
+    threshold: float | None = param("override the model's threshold on its score (none: the model's own rule)")
     export: str = param("copy the model into this folder (a pyfunc model) and exit")
 
     STEP = keys.PREDICT

@@ -24,7 +24,7 @@ from analysis.queries import EvalRun, TrainRow, eval_runs, out_of_fold_predictio
 from analysis.runs import experiment_ids, read_csv_artifact
 from analysis.stats import compare_regimes
 from analysis.submission import CRITERIA, SelectionError, log_ensemble_model, select_row
-from analysis.tables import (comparison_table, domain_table, label, table1, table2, table2_domains, to_markdown,
+from analysis.tables import (comparison_table, domain_table, group_label, label, table1, table2, table2_domains, to_markdown,
                              write_table)
 from data_tools.constants import ATYPICAL, NORMAL
 from data_tools.params import param
@@ -150,7 +150,7 @@ def domain_gap_figure(grouped: list[TrainRow], held_out: list[TrainRow], report:
 
 
 def comparison_section(rows: list[TrainRow], n_boot: int, report: Report, lodo: bool = False) -> None:
-    records, skipped = compare_regimes(rows, out_of_fold_predictions, n_boot=n_boot)
+    records, skipped = compare_regimes(rows, out_of_fold_predictions, n_boot=n_boot, name=group_label)
     title = "Does synthetic balancing help on an unseen domain?" if lodo else "Does synthetic balancing help?"
     report.skip(title if lodo else "Regime comparison", skipped)
     if not records:
@@ -200,7 +200,8 @@ def submission_section(rows: list[TrainRow], evals: dict[str, EvalRun] | None, t
     mlflow.log_metric(keys.SELECTED_VALUE, selection.value)
     if register:
         try:
-            version = log_ensemble_model(selection.row, selection.threshold, registered_name=model_name,
+            version = log_ensemble_model(selection.row, selection.threshold, fold_thresholds=selection.fold_thresholds,
+                                         registered_name=model_name,
                                          extra_config={"selected_by": select_by, "evaluated_on": test_set or ""})
         except (SelectionError, OSError, RuntimeError, ValueError) as e:
             report.skip("Submission", [f"the ensemble of {selection.row.name} was not registered: {e}"])

@@ -98,8 +98,10 @@ def parent_params(cfg: TrainCVConfig, store: Store) -> dict[str, str]:
     """The identity fields, with what they resolved to (lr, architecture, input size, data digest,
     the split). Tune's trial runs log the same."""
     spec = cfg.spec()
+    n_params, n_trainable = cfg.parameter_counts()
     return {**as_params(cfg, identity_only=True), keys.P_LR: str(cfg.learning_rate()),
             keys.P_TIMM_NAME: spec.timm_name, keys.P_INPUT_SIZE: str(spec.input_size),
+            keys.P_N_PARAMS: str(n_params), keys.P_N_TRAINABLE_PARAMS: str(n_trainable),
             keys.P_DATA_DIGEST: store.digest, **split_params(store)}
 
 

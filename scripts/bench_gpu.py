@@ -12,7 +12,9 @@ Then projects the wall time of the full Table 1 grid (2 backbones x 2 regimes x 
 epochs on MIDOG 2025's 11,937 crops) and of the paper's generator schedule (1,000 + 1,000
 pretraining epochs on a 56,000-crop pool; per fold 2,000 VAE + 5,000 DiT epochs), one fold
 after the other and with fold_jobs=5. Random weights: the compute is the same as trained ones.
-Writes every figure to --json too, so two machines (or two commits) can be compared.
+On a GPU it also measures training through torch.compile (`train_cv compile=true`): the speed-up
+over eager and the one-off compile time. Writes every figure to --json too, so two machines
+(or two commits) can be compared.
 """
 from __future__ import annotations
 
@@ -93,12 +95,17 @@ def reset_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def classifier(name: str, backbone: str, profile: str, batch: int, steps: int, device: torch.device) -> dict:
+def classifier(name: str, backbone: str, profile: str, batch: int, steps: int, device: torch.device,
+               compile: bool = False) -> dict:
+    """Training images/s of one backbone; `compile`: through torch.compile (train_cv compile=true),
+    its one-off compile time measured apart (the first step)."""
     spec = resolve_backbone(backbone, profile)
     torch.manual_seed(0)
     model = build_classifier(spec, "none").to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model = torch.compile(model)
     opt = torch.optim.NAdam(model.parameters(), lr=1e-4)
     crops, index = make_demo(64, seed=0)
     labels = index["label"].to_numpy()
@@ -110,10 +117,14 @@ def classifier(name: str, backbone: str, profile: str, batch: int, steps: int, d
             x = augment_and_preprocess(torch.from_numpy(crops[idx]), spec.input_size, spec.mean, spec.std, device, gen)
             yield x, torch.tensor(labels[idx], dtype=torch.float32)
     reset_memory(device)
+    first = time.perf_counter()
+    train_steps(model, opt, batches(), device, steps=1, warmup=0)  # compiles, when compiling
+    first = time.perf_counter() - first
     with Utilisation(device) as util:
         rate, outside = train_steps(model, opt, batches(), device, steps)
-    return {"name": name, "timm_name": spec.timm_name, "input_px": spec.input_size, "batch": batch,
-            "images_per_s": rate, "data_path_share": outside, "peak_gib": peak_memory(device), "gpu_util": util.mean}
+    return {"name": name, "timm_name": spec.timm_name, "input_px": spec.input_size, "batch": batch, "compile": compile,
+            "first_step_s": first, "images_per_s": rate, "data_path_share": outside, "peak_gib": peak_memory(device),
+            "gpu_util": util.mean}
 
 
 def generator_steps(arch: str, batch: int, steps: int, device: torch.device) -> dict:
@@ -217,6 +228,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="the demo's small models and a few steps (a CPU, CI)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default="bench_gpu.json", help="where the figures are written")
+    p.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
+                   help="also measure torch.compile'd training (auto: on a GPU, not with --quick: a CPU compile "
+                        "takes minutes)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -232,6 +246,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  train {r['name']:<9} ({r['timm_name']}, {r['input_px']} px, batch {r['batch']}): "
               f"{r['images_per_s']:8.1f} img/s, "
               f"data path {r['data_path_share']:.0%} of the step, peak {r['peak_gib']:.2f} GiB{util}")
+    compile_ = args.compile == "yes" or (args.compile == "auto" and device.type == "cuda" and not args.quick)
+    compiled = [classifier(r["name"], b, profile, 16, steps, device, compile=True)
+                for r, b in zip(rows, ("convnext", "lunit"))] if compile_ else []
+    for r, c in zip(rows, compiled):
+        print(f"  train {r['name']:<9} torch.compile: {c['images_per_s']:8.1f} img/s "
+              f"({c['images_per_s'] / r['images_per_s']:.2f}x eager), first step (the compile) {c['first_step_s']:.0f} s "
+              f"(eager {r['first_step_s']:.1f} s)")
     gen_pre = generator_steps(arch, 32 if not args.quick else 8, steps, device)
     gen_fold = generator_steps(arch, 8, steps, device)
     for g in (gen_pre, gen_fold):
@@ -253,7 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  generator fine-tuning (5 folds x {FOLD_VAE_EPOCHS} VAE + {FOLD_DIT_EPOCHS} DiT epochs): "
           f"{hours(proj['generator_finetune_s'])} one fold at a time, "
           f"{jobs(proj['generator_finetune_fold_jobs_s'])} side by side")
-    figures = {"device": str(device), "quick": args.quick, "classifier": rows, "generator_pretrain": gen_pre,
+    figures = {"device": str(device), "quick": args.quick, "classifier": rows, "classifier_compiled": compiled,
+               "generator_pretrain": gen_pre,
                "generator_finetune": gen_fold, "sampling": samples, "predict": cold, "projections": proj,
                "bench_s": time.perf_counter() - started}
     Path(args.json).write_text(json.dumps(figures, indent=1))

@@ -1,5 +1,6 @@
-"""evaluate: the fold ensemble on a test store, thresholds, bootstrap intervals per domain,
-the overlap refusal, and `mlflow run . -e evaluate`."""
+"""evaluate: the fold ensemble on a test store, thresholds (0.5, cv_ba, fold_ba: the same decisions
+from `predict` and the registered pyfunc model), bootstrap intervals per domain, the overlap
+refusal, and `mlflow run . -e evaluate`."""
 import os
 import subprocess
 import sys
@@ -9,13 +10,20 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
-from analysis import keys
-from models.metrics import ba_optimal_threshold, binary_metrics
+from analysis import keys, runs
+from analysis.queries import eval_runs, train_rows
+from analysis.submission import log_ensemble_model, select_row
+from data_tools.images import encode_png_base64
+from models.checkpoint import load_checkpoint
+from models.classifier import predict_logits
+from models.metrics import ba_optimal_threshold, binary_metrics, calibrated_ba_threshold
 from data_tools.demo import make_demo
 from data_tools.ingest import ingest
 from data_tools.store import write_store
+from pipelines import predict
 from pipelines.evaluate import EvaluateConfig, OverlapError, oof_predictions, run_evaluate
 from pipelines.train_cv import TrainCVConfig, run_train_cv
 from pipelines.config import build
@@ -26,6 +34,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _eval(**given) -> EvaluateConfig:
     return build(EvaluateConfig, "demo", **given)
+
+
+def fold_logits(train_id: str, images: np.ndarray, dst: Path) -> np.ndarray:
+    """[K, N] float64: each fold model's logits, model by model (folds in order)."""
+    dirs = runs.download_checkpoints(runs.complete_fold_runs(MlflowClient(), train_id), dst)
+    out = []
+    for k in sorted(dirs):
+        model, spec, _ = load_checkpoint(dirs[k])
+        with torch.inference_mode():
+            out.append(predict_logits(model, spec, torch.from_numpy(np.array(images)), torch.device("cpu")).numpy())
+    return np.stack(out).astype(np.float64)
+
+
+def sigmoid(z):
+    return 1 / (1 + np.exp(-z))
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +95,9 @@ def test_evaluate_logs_the_contract(tracked):
     assert list(preds["sample_id"]) == list(test.index["sample_id"])
     expected = load_ensemble(train_id).predict_proba(test.images)
     np.testing.assert_allclose(preds["prob"], expected, atol=1e-6)
+    # the paper's rule, unchanged: the mean probability of the fold models at 0.5, no per-fold thresholds
+    np.testing.assert_allclose(preds["prob"], sigmoid(fold_logits(train_id, test.images, Path("ck"))).mean(0), atol=1e-6)
+    assert runs.run_fold_thresholds(run) is None and (preds["pred"] == (preds["prob"] >= 0.5)).all()
     overall = binary_metrics(preds["label"], preds["prob"], 0.5)
     for name in keys.TEST_METRICS:
         assert m[keys.test_metric(name)] == pytest.approx(overall[name])
@@ -88,6 +114,23 @@ def test_cv_ba_threshold_comes_from_the_pooled_oof_predictions(tracked):
     run_id = run_evaluate(_eval(train_run_id=train_id, test_data=str(test.path), threshold="cv_ba", n_boot=0))
     m = MlflowClient().get_run(run_id).data.metrics
     assert m[keys.P_THRESHOLD] == pytest.approx(ba_optimal_threshold(oof["label"], oof["prob"]))
+
+
+def test_the_calibrated_ba_threshold_finds_the_known_optimum_more_steadily_than_the_best_cut():
+    # scores of a known model: logit = z + shift, z ~ N(+-1, 1) by class, 15% positives; the BA-optimal
+    # cut is where the class densities meet, z = 0, i.e. prob = sigmoid(shift)
+    rng = np.random.default_rng(0)
+    for shift in (-1.5, 0.0, 1.0):
+        true, platt, cut = 1 / (1 + np.exp(-shift)), [], []
+        for _ in range(10):
+            y = (rng.random(300) < 0.15).astype(int)
+            p = 1 / (1 + np.exp(-(rng.normal(2.0 * y - 1, 1.0) + shift)))
+            platt.append(calibrated_ba_threshold(y, p))
+            cut.append(ba_optimal_threshold(y, p))
+        assert abs(np.mean(platt) - true) < 0.02 and np.std(platt) < np.std(cut)
+    y = np.array([0, 0, 1, 1, 0, 1])
+    p = np.array([0.9, 0.8, 0.2, 0.1, 0.7, 0.3])  # worse than chance: the best cut, as ba_optimal_threshold
+    assert calibrated_ba_threshold(y, p) == ba_optimal_threshold(y, p)
 
 
 def test_overlap_with_the_training_store_is_refused_unless_allowed(tracked, trained, tmp_path):
@@ -119,3 +162,41 @@ def test_mlflow_run_evaluate_from_the_command_line(tracked):
     [run] = client.search_runs([client.get_experiment_by_name("cli-eval").experiment_id], "")
     assert run.info.status == "FINISHED" and run.data.params[keys.P_THRESHOLD] == "cv_ba"
     assert keys.test_metric("auroc") in run.data.metrics and run.data.tags[keys.TEST_SET] == "demo_test"
+
+
+def test_fold_ba_and_the_same_decisions_from_predict_and_the_registered_model(tracked, tmp_path):
+    train_id, test = tracked
+    oof = oof_predictions(train_id)
+    t = {k: calibrated_ba_threshold(g["label"], g["prob"]) for k, g in oof.groupby("fold")}  # each model on its own
+    run_id = run_evaluate(_eval(train_run_id=train_id, test_data=str(test.path), threshold="fold_ba", n_boot=0))
+    run = MlflowClient().get_run(run_id)
+    assert run.data.params[keys.P_THRESHOLD] == "fold_ba" and run.data.metrics[keys.P_THRESHOLD] == 0.5
+    assert runs.run_fold_thresholds(run) == pytest.approx(t)
+    # the rule, computed directly: each model's logit moved by logit(t_k), averaged, at 0.5
+    offsets = np.log([t[k] / (1 - t[k]) for k in sorted(t)])[:, None]
+    expected = sigmoid((fold_logits(train_id, test.images, tmp_path / "ck") - offsets).mean(0))
+    preds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=keys.PREDICTIONS))
+    np.testing.assert_allclose(preds["prob"], expected, atol=1e-5)
+    assert (preds["pred"] == (expected >= 0.5)).all() and preds["pred"].nunique() == 2
+    assert run.data.metrics[keys.test_metric("ba")] == pytest.approx(
+        binary_metrics(preds["label"], preds["prob"], 0.5)["ba"])
+    decided = np.where(preds["pred"] == 1, "atypical", "normal")
+
+    # predict from the train_cv run: the rule of its latest evaluate run
+    out = pd.read_csv(predict.main(["--model", train_id, "--input", str(test.path), "--output", str(tmp_path / "p.csv")]))
+    assert (out["class"] == decided).all()
+    np.testing.assert_allclose(out["probability"], preds["prob"], atol=1e-6)
+
+    # the report's selection registers the rule with the model, which decides offline as evaluate did
+    client = MlflowClient()
+    exp_ids = runs.experiment_ids(client, "evaluate")
+    rows = [r for r in train_rows(client, exp_ids)[0] if r.run_id == train_id]
+    selection = select_row(rows, eval_runs(client, exp_ids, rows)["demo_test"])
+    assert selection.threshold == 0.5 and selection.fold_thresholds == pytest.approx(t)
+    with mlflow.start_run(tags={keys.STEP: keys.REPORT}):
+        version = log_ensemble_model(selection.row, selection.threshold, fold_thresholds=selection.fold_thresholds,
+                                     registered_name="fold-ba")
+    model = mlflow.pyfunc.load_model(f"models:/fold-ba/{version.version}")
+    served = model.predict(pd.DataFrame({"image": [encode_png_base64(im) for im in np.asarray(test.images)]}))
+    assert (served["class"] == decided).all()
+    np.testing.assert_allclose(served["probability"], preds["prob"], atol=1e-6)

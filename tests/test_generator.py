@@ -7,7 +7,8 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
-from models.generator import (ARCHS, Generator, build_dit, drop_labels, encode_moments, null_class, predict_eps)
+from models.generator import (ARCHS, BatchRandom, Generator, build_dit, diffusion_loss, drop_labels, encode_moments,
+                              new_generator, null_class, predict_eps, vae_loss)
 from models.generator_quality import distribution_distance, memorisation
 from models.generator_training import FitConfig, fit_generator
 from models.sampling import SAMPLERS, generate, guided_eps
@@ -54,11 +55,31 @@ def test_diffusers_drops_labels_per_block_ours_once_per_sample():
     null = null_class(ours)
     assert null == 2 and ours.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.num_embeddings == 3
     labels = torch.randint(0, 2, (40_000,))
-    dropped = drop_labels(labels, 0.25, null, generator=torch.Generator().manual_seed(0))
+    dropped = drop_labels(labels, 0.25, null, BatchRandom(torch.Generator().manual_seed(0), len(labels)))
     is_null = dropped == null
     assert abs(is_null.float().mean().item() - 0.25) < 0.01
     assert torch.equal(dropped[~is_null], labels[~is_null])
     assert torch.equal(drop_labels(labels, 0.0, null), labels)
+
+
+def test_shards_of_a_batch_draw_what_the_batch_draws_and_average_to_its_loss():
+    """Data parallel (N processes, each its rows of one batch): the same random numbers as one
+    process, and the mean of the processes' mean losses is the one-process loss."""
+    def draws(rows=slice(None)):
+        return BatchRandom(torch.Generator().manual_seed(0), 8, rows)
+    halves = (slice(0, 4), slice(4, 8))
+    for name, args in (("randn", (3, 2)), ("rand", ()), ("randint", (1000,))):
+        whole = getattr(draws(), name)(*args)
+        assert whole.shape[0] == 8 and torch.equal(torch.cat([getattr(draws(r), name)(*args) for r in halves]), whole)
+    torch.manual_seed(0)
+    gen = new_generator("tiny", 32)
+    x, y = torch.rand(8, 3, 32, 32) * 2 - 1, torch.tensor([0, 1] * 4)
+    z = torch.randn(8, 4, 4, 4)
+    with torch.no_grad():
+        for loss in (lambda d, r: vae_loss(gen.vae, x[r], 1e-3, d)[0],
+                     lambda d, r: diffusion_loss(gen.dit, gen.scheduler, z[r], drop_labels(y[r], 0.5, gen.null, d), d)):
+            shards = torch.stack([loss(draws(r), r) for r in halves])
+            torch.testing.assert_close(shards.mean(), loss(draws(), slice(None)), rtol=1e-5, atol=1e-6)
 
 
 def test_losses_fall_and_the_latent_scale_is_measured(trained, thumb_stores):

@@ -1,6 +1,7 @@
 """Inference as the platform runs it: stacks in, the platform JSON out (entries in page order,
 keys exactly class/confidence, float confidences, classes at the model's threshold); the
-container's own command on an exported model; CSV output; bad input fails naming the file."""
+container's own command on an exported model; CSV output; bad input fails naming the file;
+TTA modes (d4 = the mean over the 8 dihedral views)."""
 from __future__ import annotations
 
 import json
@@ -15,16 +16,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from analysis import keys
 from analysis.queries import train_rows
 from analysis.runs import experiment_ids
-from analysis.submission import log_ensemble_model
+from analysis.submission import SelectionError, log_ensemble_model
+from data_tools.augment import preprocess
 from data_tools.demo import make_demo
+from data_tools.errors import ConfigError
 from data_tools.inputs import PLATFORM_INPUT, PLATFORM_OUTPUT, read_stack
 from data_tools.store import write_store
+from models.checkpoint import load_checkpoint
+from models.classifier import predict_logits
 from models.ensemble import FoldEnsemble
 from pipelines import predict
 
@@ -102,9 +108,9 @@ def test_the_containers_command_on_an_exported_model(tiny_train_run, tiny_checkp
 def test_csv_from_a_store_and_from_a_folder(tiny_train_run, tiny_checkpoints, tmp_path):
     images, index = make_demo(5, seed=9)
     store = write_store(tmp_path / "store", images, index, name="five", adapter="demo")
-    expected = FoldEnsemble.from_dirs(tiny_checkpoints).predict_proba(images, tta=True)
+    expected = FoldEnsemble.from_dirs(tiny_checkpoints).predict_proba(images, tta="d4")
     out = predict.main(["--model", tiny_train_run, "--input", str(store.path), "--output", str(tmp_path / "p.csv"),
-                        "--tta", "true"])
+                        "--tta", "d4"])
     df = pd.read_csv(out)
     assert list(df.columns) == ["id", "probability", "class"]
     assert df["id"].tolist() == index["sample_id"].tolist()
@@ -144,3 +150,45 @@ def test_bad_inputs_fail_naming_the_file(tmp_path):
         predict.main(["--model", "unused", "--input", str(empty), "--output", str(tmp_path / "e.json")])
     with pytest.raises(SystemExit, match="input not found"):
         predict.main(["--model", "unused", "--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "n.json")])
+
+
+def test_d4_tta_is_the_mean_over_the_eight_dihedral_views(tiny_checkpoints):
+    model, spec, _ = load_checkpoint(tiny_checkpoints[0])
+    with torch.no_grad():  # a random init's logits barely move with the view: scale them to order 1
+        [head for head in model.modules() if isinstance(head, torch.nn.Linear)][-1].weight.mul_(1000)
+    cpu = torch.device("cpu")
+    images = make_demo(3, seed=4)[0]
+
+    def logits(crops: np.ndarray, tta) -> torch.Tensor:
+        with torch.inference_mode():
+            return predict_logits(model, spec, torch.from_numpy(np.ascontiguousarray(crops)), cpu, tta)
+
+    x = preprocess(torch.from_numpy(images), spec.input_size, spec.mean, spec.std, cpu)
+    views = [torch.rot90(x.flip(-1) if mirror else x, k, dims=(-2, -1)) for mirror in (False, True) for k in range(4)]
+    assert len({v.numpy().tobytes() for v in views}) == 8
+    with torch.inference_mode():
+        direct = torch.stack([model(v).reshape(-1) for v in views]).mean(0)
+    d4 = logits(images, "d4")
+    torch.testing.assert_close(d4, direct, atol=1e-4, rtol=0)
+    # the group average does not change when the crop is turned or mirrored; one view or the flips do
+    for turned in (np.rot90(images, 1, axes=(1, 2)), images[:, :, ::-1], np.rot90(images, 3, axes=(1, 2))):
+        torch.testing.assert_close(logits(turned, "d4"), d4, atol=1e-4, rtol=0)
+    turned = np.rot90(images, 1, axes=(1, 2))
+    for fewer in ("none", "flips"):  # the four flips hold no 90-degree turn
+        assert (logits(turned, fewer) - logits(images, fewer)).abs().max() > 0.05
+    # a crop with the square's symmetries: all 8 views are the same image, so d4 = no TTA
+    yy, xx = np.mgrid[:128, :128] - 63.5
+    ring = (127 + 120 * np.cos(np.hypot(yy, xx) / 6)).astype(np.uint8)
+    symmetric = np.stack([ring, ring // 2, 255 - ring], -1)[None]
+    torch.testing.assert_close(logits(symmetric, "d4"), logits(symmetric, "none"), atol=1e-4, rtol=0)
+    # flips are the old TTA, and the old boolean still means them
+    torch.testing.assert_close(logits(images, True), logits(images, "flips"), atol=0, rtol=0)
+    with pytest.raises(ConfigError, match="none, flips, d4"):
+        logits(images, "d8")
+
+
+def test_fold_thresholds_must_name_the_rows_folds(tiny_train_run):
+    client = MlflowClient()
+    rows, _ = train_rows(client, experiment_ids(client, "test"))
+    with mlflow.start_run(tags={keys.STEP: keys.REPORT}), pytest.raises(SelectionError, match=r"folds \[1\]"):
+        log_ensemble_model(rows[0], 0.5, fold_thresholds={1: 0.3})

@@ -213,8 +213,8 @@ def test_missing_pieces_are_reported_not_fatal(tracking, capsys):
     assert "convnext/synth_balanced" in printed and "fold 3 is missing (no metric fold3_auroc, no finished fold run)" in printed
     assert "vit_small/real_only: no finished train_cv run (found 1: RUNNING)" in printed
     assert "Table 2: no finished evaluate run of any row" in printed
-    assert "convnext: no synth_balanced row, nothing to compare" in printed
-    assert re.search(r"lunit: out-of-fold AUROC difference skipped \(synth_balanced: fold 1 run \w{8} has no "
+    assert "ConvNeXt-Small: no synth_balanced row, nothing to compare" in printed
+    assert re.search(r"Lunit SSL: out-of-fold AUROC difference skipped \(synth_balanced: fold 1 run \w{8} has no "
                      r"val_predictions.csv\)", printed)
     assert "| Lunit SSL | -0.35 [-0.56, -0.14] | 0.010 | 0.062 | — |" in printed  # the fold test still made
     assert "Figures: test ROC curves: no test predictions" in printed
@@ -228,5 +228,9 @@ def test_missing_pieces_are_reported_not_fatal(tracking, capsys):
 def test_rows_are_named_for_what_trained():
     from analysis.tables import row_label
     assert row_label("convnext", "real_only") == "ConvNeXt-Small (real)"
-    assert row_label("convnext", "real_only", backbone_set="demo") == "demo ConvNeXt-Atto-shaped (real)"
-    assert row_label("lunit", "synth_balanced", "lodo", "demo") == "demo ViT-Tiny-width/8 (real+synth) [LODO]"
+    demo = {"backbone_set": "demo", "pretrained": "none"}
+    assert row_label("convnext", "real_only", recipe=demo) == "ConvNeXt-Atto-shaped [demo, scratch] (real)"
+    assert row_label("lunit", "synth_balanced", "lodo", demo) == "ViT-Tiny-width/8 [demo, scratch] (real+synth) [LODO]"
+    sota = {"finetune": "lora", "lora_rank": "8", "loss": "domain_focal", "augment": "strong"}
+    assert row_label("uni2", "real_only", recipe=sota) == "UNI2-h + LoRA r8 [domain focal, strong aug] (real)"
+    assert row_label("lunit", "real_only", recipe={"pretrained": "/w/lunit.pth"}) == "Lunit SSL [weights lunit.pth] (real)"

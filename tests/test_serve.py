@@ -1,5 +1,6 @@
-"""The report registers the chosen fold ensemble; `mlflow models serve` answers over HTTP with
-the same probabilities as the ensemble itself, and classes at the evaluate run's threshold."""
+"""The report registers the chosen fold ensemble with its evaluate run's threshold rule (here
+fold_ba: a threshold per fold model); `mlflow models serve` answers over HTTP with the same
+scores as the ensemble itself under that rule, the same classes, and d4 TTA as a param."""
 from __future__ import annotations
 
 import json
@@ -36,10 +37,16 @@ def post(url: str, payload: dict) -> tuple[int, dict]:
 
 def test_registered_ensemble_serves_predictions_over_http(tracking, tiny_train_run, tiny_checkpoints, tmp_path):
     images, _ = make_demo(4, seed=11)
-    expected = FoldEnsemble.from_dirs(tiny_checkpoints).predict_proba(images)
-    threshold = float(np.median(expected))
+    # fold_ba as evaluate logs it: threshold 0.5 on the score, each fold model's own threshold t_k
+    logits = FoldEnsemble.from_dirs(tiny_checkpoints).predict_logits(images).astype(np.float64)
+    fold_t = {k: float(1 / (1 + np.exp(-np.median(z)))) for k, z in enumerate(logits, 1)}
+    offsets = np.log([t / (1 - t) for t in fold_t.values()])[:, None]
+    expected = 1 / (1 + np.exp(-(logits - offsets).mean(0)))
+    threshold = 0.5
+    assert 0 < (expected >= threshold).sum() < len(expected)  # both classes
     with mlflow.start_run(tags={keys.STEP: keys.EVALUATE, keys.TEST_SET: "prelim"}):
-        mlflow.log_params({keys.P_TRAIN_RUN_ID: tiny_train_run, keys.P_THRESHOLD: str(threshold)})
+        mlflow.log_params({keys.P_TRAIN_RUN_ID: tiny_train_run, keys.P_THRESHOLD: "fold_ba"})
+        mlflow.log_metrics({keys.P_THRESHOLD: threshold, **{f"fold{k}_threshold": t for k, t in fold_t.items()}})
         mlflow.log_metrics({keys.test_metric(m): 0.6 for m in keys.TEST_METRICS})
 
     summary = report.main(["--n_boot", "20", "--register", "yes"])  # "yes" registers, as "true" does
@@ -47,6 +54,7 @@ def test_registered_ensemble_serves_predictions_over_http(tracking, tiny_train_r
     version = MlflowClient().get_model_version_by_alias(keys.MODEL_NAME, keys.SUBMISSION_ALIAS)
     assert version.version == summary["registered"]["version"]
     assert version.tags["train_run_id"] == tiny_train_run and float(version.tags["threshold"]) == threshold
+    assert json.loads(version.tags["fold_thresholds"]) == pytest.approx({f"fold{k}": t for k, t in fold_t.items()})
     # logged from code with an input example: no pickled Python object in the model folder
     model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{keys.MODEL_NAME}@{keys.SUBMISSION_ALIAS}",
                                                          dst_path=str(tmp_path / "model")))
@@ -72,13 +80,15 @@ def test_registered_ensemble_serves_predictions_over_http(tracking, tiny_train_r
         got = body["predictions"]
         assert [g["probability"] for g in got] == pytest.approx(expected.tolist(), abs=1e-6)
         assert [g["class"] for g in got] == ["atypical" if p >= threshold else "normal" for p in expected]
-        # file paths the server can read, in the `path` column, with flip TTA as a param
+        # file paths the server can read, in the `path` column, with d4 TTA as a param
         Image.fromarray(images[0]).save(tmp_path / "crop.png")
         status, body = post(url, {"dataframe_split": {"columns": ["path"], "data": [[str(tmp_path / "crop.png")]]},
-                                  "params": {"tta": True}})
+                                  "params": {"tta": "d4"}})
         assert status == 200, body
-        tta = FoldEnsemble.from_dirs(tiny_checkpoints).predict_proba(images[:1], tta=True)
+        tta = FoldEnsemble.from_dirs(tiny_checkpoints, fold_thresholds=list(fold_t.values())).predict_proba(
+            images[:1], tta="d4")
         assert body["predictions"][0]["probability"] == pytest.approx(float(tta[0]), abs=1e-6)
+        assert abs(float(tta[0]) - expected[0]) > 1e-6  # d4 was applied
         # a row that is not an image is an error naming the row, not a prediction
         status, body = post(url, {"dataframe_split": {"columns": ["image"], "data": [["bm90IGFuIGltYWdl"]]}})
         assert status >= 400 and "row 0" in json.dumps(body)

@@ -228,6 +228,6 @@ def _in_the_browser(url: str, chromium: str, client: MlflowClient, exp: str, rep
         assert "Group: regime: real_only, backbone: convnext" in text
         page.screenshot(path=str(shots / "mlflow_ui_regimes.png"), full_page=True)
         page.goto(f"{url}/#/experiments/{exp}/runs/{report_id}/artifacts/{keys.TABLE1}.md")
-        page.get_by_text("demo ConvNeXt-Atto-shaped (real)").first.wait_for(timeout=60_000)
+        page.get_by_text("ConvNeXt-Atto-shaped [demo, scratch] (real)").first.wait_for(timeout=60_000)
         page.screenshot(path=str(shots / "mlflow_ui_table1.png"), full_page=True)
         browser.close()

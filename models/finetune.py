@@ -1,0 +1,124 @@
+"""Which weights a fold trains: all of them (`full`, the paper), a LoRA adapter plus the head
+(`lora`, through peft: the AMi-Br benchmark's and MIDOG 2025's recipe for foundation models),
+or the head alone on a frozen backbone (`linear`, a linear probe).
+
+A LoRA or linear-probe fold changes a few million numbers of a backbone that may hold a
+billion: `trained_state` is what a checkpoint keeps of it (the trainable tensors and the
+buffers), the frozen rest is identified by its weights file (models.classifier.weights_identity).
+For inference `merged` folds the adapter into the weights: a plain timm model again.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from data_tools.errors import ConfigError
+
+FINETUNE_MODES = ("full", "lora", "linear")
+
+
+@dataclass(frozen=True)
+class Finetune:
+    mode: str = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.3
+    lora_targets: str = "qkv,proj,fc1,fc2"  # module names inside the transformer (or ConvNeXt) blocks
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def label(self) -> str:
+        """What the tables add to the backbone's name."""
+        return {"lora": f" + LoRA r{self.lora_rank}", "linear": " + linear probe"}.get(self.mode, "")
+
+    def targets_pattern(self) -> str:
+        """peft's target_modules as a regex: the named linear layers of the blocks, never the patch
+        embedding's `proj`; `fc1` also matches SwiGLU's `fc1_g` / `fc1_x` (DINOv3)."""
+        names = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        if not names:
+            raise ConfigError("lora_targets is empty; give module names such as qkv,proj,fc1,fc2")
+        return rf"(.*\.)?blocks\.\d+\.(.*\.)?({'|'.join(map(_word, names))})(_g|_x)?"
+
+
+def _word(name: str) -> str:
+    if not name.replace("_", "").isalnum():
+        raise ConfigError(f"lora_targets: {name!r} is not a module name")
+    return name
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """The classifier's module names (timm's pretrained_cfg["classifier"]; `head` otherwise)."""
+    head = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
+    return [head] if isinstance(head, str) else list(head)
+
+
+def apply_finetune(model: nn.Module, ft: Finetune) -> nn.Module:
+    """The model with only what `ft.mode` trains left trainable (a peft model for `lora`)."""
+    if ft.mode not in FINETUNE_MODES:
+        raise ConfigError(f"finetune must be one of {', '.join(FINETUNE_MODES)}; got {ft.mode!r}")
+    if ft.mode == "full":
+        return model
+    heads = head_names(model)
+    if ft.mode == "linear":
+        model.requires_grad_(False)
+        for name in heads:
+            model.get_submodule(name).requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=ft.lora_rank, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
+                        target_modules=ft.targets_pattern(), modules_to_save=heads)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # no module matched the targets
+        raise ConfigError(f"LoRA: {e} (lora_targets={ft.lora_targets!r}, model {type(model).__name__})") from None
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(all parameters, trainable ones); peft's saved copy of the head is counted once."""
+    seen = {}
+    for name, p in model.named_parameters():
+        if ".original_module." not in name:
+            seen[name] = p
+    return sum(p.numel() for p in seen.values()), sum(p.numel() for p in seen.values() if p.requires_grad)
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What training changed: the trainable parameters and the saved buffers (e.g. BatchNorm statistics)."""
+    params = dict(model.named_parameters())
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()
+            if k not in params or params[k].requires_grad}
+
+
+def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Put `trained_state` back into a freshly built (and wrapped) model; every tensor must fit."""
+    own = model.state_dict()
+    unknown = sorted(set(state) - set(own))
+    expected = set(trained_state(model))
+    lacking = sorted(expected - set(state))
+    if unknown or lacking:
+        raise ValueError(f"{where}: the saved tensors do not fit this model "
+                         f"(unknown: {unknown[:3]}, missing: {lacking[:3]})")
+    model.load_state_dict(state, strict=False)
+
+
+def merged(model: nn.Module) -> nn.Module:
+    """A plain model for inference: the LoRA adapter merged into a copy of the weights."""
+    if hasattr(model, "merge_and_unload"):
+        return copy.deepcopy(model).merge_and_unload()
+    return model
+
+
+def train_mode(model: nn.Module, ft: Finetune) -> None:
+    """model.train(), except that a frozen backbone's BatchNorm layers keep their statistics."""
+    model.train()
+    if ft.mode == "full":
+        return
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
