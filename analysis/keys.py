@@ -58,6 +58,7 @@ P_N_TRAINABLE_PARAMS = "n_trainable_params"
 P_FINETUNE = "finetune"  # full | lora | linear
 P_LORA_RANK = "lora_rank"
 P_LOSS = "loss"
+P_STAIN_NORM = "stain_norm"
 P_AUGMENT = "augment"  # paper | flips | strong | none
 P_SPLIT = "split"  # how the store's folds were made: group (slide-grouped CV) | lodo (leave one domain out)
 P_SPLIT_BY = "split_by"  # lodo: the column whose values are the folds

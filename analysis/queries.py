@@ -22,7 +22,8 @@ from analysis.runs import FINISHED
 BACKBONE_ORDER = ("convnext", "lunit")
 # what a row's recipe is made of, with the value a run that predates the parameter had
 RECIPE_DEFAULTS = {keys.P_BACKBONE_SET: "paper", keys.P_PRETRAINED: "hub", keys.P_FINETUNE: "full",
-                   keys.P_LORA_RANK: "8", keys.P_LOSS: "bce", keys.P_SAMPLER: "shuffle", keys.P_AUGMENT: "paper"}
+                   keys.P_LORA_RANK: "8", keys.P_LOSS: "bce", keys.P_SAMPLER: "shuffle", keys.P_AUGMENT: "paper",
+                   keys.P_STAIN_NORM: "none"}
 Recipe = tuple[tuple[str, str], ...]
 
 

@@ -39,7 +39,8 @@ def backbone_name(backbone: str, backbone_set: str | None = None) -> str:
 # the parts of a recipe that the tables name where they differ from the paper's
 _QUALIFIERS = {keys.P_LOSS: {"focal": "focal loss", "domain_focal": "domain focal"},
                keys.P_SAMPLER: {"balanced": "balanced sampler"},
-               keys.P_AUGMENT: {"strong": "strong aug", "none": "no aug"}}
+               keys.P_AUGMENT: {"strong": "strong aug", "none": "no aug"},
+               keys.P_STAIN_NORM: {"macenko": "Macenko"}}
 
 
 def recipe_name(backbone: str, recipe: dict[str, str] | None = None) -> str:

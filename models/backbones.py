@@ -31,6 +31,7 @@ class BackboneSpec:
     display: str = ""  # what the tables call the architecture and its weights, e.g. "UNI2-h"
     gated: bool = False  # the hub repository asks each user to accept its licence (HF_TOKEN needed)
     pool: str = ""  # "" = timm's own head; "cls+mean" = [class token, mean of patch tokens] (Virchow2)
+    stain_norm: str = "none"  # preprocessing the model was trained with: none | macenko (data_tools.augment)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -185,7 +185,7 @@ def predict_logits(model: nn.Module, spec: BackboneSpec, images: torch.Tensor, d
                    tta: str | bool = "none") -> torch.Tensor:
     """[N] logits of uint8 [N, H, W, 3] crops: resize + normalise, bf16 + channels_last on a GPU;
     with `tta` (none | flips | d4, models.tta), the mean logit over its views."""
-    x = preprocess(images, spec.input_size, spec.mean, spec.std, device)
+    x = preprocess(images, spec.input_size, spec.mean, spec.std, device, spec.stain_norm)
     cuda = device.type == "cuda"
     out = []
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):

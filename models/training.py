@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from data_tools.errors import ConfigError
 from models.metrics import binary_metrics
-from data_tools.augment import PRESETS, augment_and_preprocess, preprocess, preset
+from data_tools.augment import PRESETS, STAIN_NORMS, augment_and_preprocess, preprocess, preset
 from data_tools.batches import SAMPLERS, CropPool, concat_pools, epoch_order, iterate_batches, pool_from_store
 from data_tools.constants import ATYPICAL, NORMAL
 from data_tools.folds import balance_count
@@ -79,6 +79,8 @@ class TrainConfig:
     pos_weight: float | None = param("weight of the atypical class in the loss (none: 1)")
     sampler: str = param("shuffle | balanced (each batch draws both classes equally, with replacement)",
                          choices=SAMPLERS)
+    stain_norm: str = param("none | macenko: every crop's stain mapped onto Macenko's reference before the model, "
+                            "in training and, stored with the model, in inference", choices=STAIN_NORMS)
     compile: bool = param("torch.compile the model: faster steps after a one-off compile of a minute or more "
                           "(scripts/bench_gpu.py measures both)", identity=False)
 
@@ -86,7 +88,8 @@ class TrainConfig:
     PREFETCH: ClassVar[int] = 2  # batches gathered ahead by a background thread
 
     def spec(self) -> BackboneSpec:
-        return resolve_backbone(self.backbone, self.backbone_set)
+        """The backbone, with the preprocessing it is trained with (and a checkpoint keeps)."""
+        return dataclasses.replace(resolve_backbone(self.backbone, self.backbone_set), stain_norm=self.stain_norm)
 
     def learning_rate(self) -> float:
         return float(self.lr) if self.lr is not None else self.spec().default_lr
@@ -226,8 +229,9 @@ def _train_epoch(model, opt, sched, pool: CropPool, spec: BackboneSpec, cfg: Tra
 
     def prepare(images: torch.Tensor) -> torch.Tensor:
         if aug is None:
-            return preprocess(images, spec.input_size, spec.mean, spec.std, device)
-        return augment_and_preprocess(images, spec.input_size, spec.mean, spec.std, device, gen, aug)
+            return preprocess(images, spec.input_size, spec.mean, spec.std, device, spec.stain_norm)
+        return augment_and_preprocess(images, spec.input_size, spec.mean, spec.std, device, gen, aug,
+                                      stain_norm=spec.stain_norm)
 
     bar = tqdm(iterate_batches(pool, cfg.batch_size, order, prefetch=cfg.PREFETCH, pin=cuda), total=n_batches,
                desc=f"fold {k} epoch {epoch}/{cfg.epochs}", leave=False, mininterval=2.0)

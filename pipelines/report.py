@@ -192,8 +192,11 @@ def submission_section(rows: list[TrainRow], evals: dict[str, EvalRun] | None, t
         return None
     chosen_label = label(selection.row)
     source = f"from evaluate run `{selection.eval_run.run_id}`" if selection.eval_run else "default: no evaluate run"
+    per_fold = selection.fold_thresholds
+    rule = (f"each fold model at its own out-of-fold threshold ({', '.join(f'{t:.3f}' for _, t in sorted(per_fold.items()))}), "
+            f"their mean shifted logit at {selection.threshold:g}" if per_fold else f"threshold {selection.threshold:g}")
     text = (f"Selected by {select_by} = {selection.value * 100:.2f}%: {chosen_label}, train_cv run "
-            f"`{selection.row.run_id}`, threshold {selection.threshold:g} ({source})")
+            f"`{selection.row.run_id}`, {rule} ({source})")
     chosen = {"train_run_id": selection.row.run_id, "criterion": select_by, "value": selection.value,
               "threshold": selection.threshold}
     mlflow.set_tags({keys.SELECTED_TRAIN_RUN: selection.row.run_id, keys.SELECTED_ROW: chosen_label})

@@ -175,3 +175,16 @@ def test_the_leaderboard_recipe_trains_a_fold(small_store, tmp_path):
                        None, tmp_path / "plain")
     assert np.isfinite(result.history[0].train_loss)
     assert result.history[0].train_loss != plain.history[0].train_loss  # the options reached the loop
+
+
+def test_stain_normalisation_is_kept_with_the_model_and_applied_at_inference(small_store, tmp_path):
+    cfg = build(TrainCVConfig, "demo", data=str(small_store.path), backbone="lunit", folds="1", epochs=1,
+                stain_norm="macenko", workroot=".work")
+    result = train_fold(cfg, small_store, 1, None, tmp_path)
+    model, spec, _ = load_checkpoint(result.checkpoint)
+    assert spec.stain_norm == "macenko"
+    _, val = fold_pools(cfg, small_store, 1, None)[:2]
+    probs, _ = predict_pool(model, spec, val, torch.device("cpu"))
+    np.testing.assert_allclose(probs, result.val_predictions["prob"].to_numpy(), atol=1e-6)
+    unnormalised, _ = predict_pool(model, dataclasses.replace(spec, stain_norm="none"), val, torch.device("cpu"))
+    assert np.abs(unnormalised - probs).max() > 1e-4  # the normalisation changes what the model sees
