@@ -18,3 +18,11 @@ def test_bench_gpu_quick_prints_rates_and_projections(tmp_path, capsys):
     assert all(r["images_per_s"] > 0 and 0 <= r["data_path_share"] < 1 for r in saved["classifier"])
     assert [s["sampler"] for s in saved["sampling"]] == ["ddpm", "dpmsolver++"]
     assert saved["predict"]["crops"] == 16 and saved["generator_finetune"]["dit"]["images_per_s"] > 0
+
+
+def test_bench_finetune_counts_what_each_mode_trains(capsys):
+    import bench_finetune
+    rows = {r["mode"]: r for r in bench_finetune.main(["--steps", "2", "--batch", "8", "--threads", "1"])}
+    assert rows["full"]["n_trainable_params"] == rows["full"]["n_params"]
+    assert 0 < rows["linear"]["n_trainable_params"] < rows["lora"]["n_trainable_params"] < rows["lora"]["n_params"] / 10
+    assert all(r["images_per_s"] > 0 for r in rows.values()) and "x full" in capsys.readouterr().out
