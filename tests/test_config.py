@@ -38,6 +38,18 @@ def test_the_domain_profile_builds_every_step():
     assert (build(config_class(keys.PREPARE_DATA), profile).split, build(TrainCVConfig, profile).epochs) == ("lodo", 4)
 
 
+def test_the_sota_profile_builds_every_step_on_the_leaderboards_recipe():
+    profile = str(ROOT / "profiles" / "sota.yaml")
+    for step in STEPS:
+        cls = config_class(step)
+        build(cls, profile, **{f.name: "x" for f in dataclasses.fields(cls) if f.metadata.get("required")})
+    cfg = build(TrainCVConfig, profile)
+    assert (cfg.backbone, cfg.finetune, cfg.loss, cfg.augment, cfg.folds) == ("uni2", "lora", "domain_focal", "strong", "all")
+    assert cfg.spec().display == "UNI2-h" and cfg.parameter_counts()[1] < cfg.parameter_counts()[0] / 100
+    ev = build(config_class(keys.EVALUATE), profile, train_run_id="x", test_data="y")
+    assert (ev.threshold, ev.tta) == ("fold_ba", "d4")
+
+
 def test_the_command_line_is_the_config():
     cfg = from_cli(TrainCVConfig, ["--profile", "paper", "--epochs", "3", "--lr", "1e-3", "--n_synthetic", "balance",
                                    "--restart_epochs", "2"])
