@@ -189,6 +189,11 @@ def run_train_cv(cfg: TrainCVConfig) -> str:
     returns the parent's id."""
     store = open_store(cfg.data)
     folds = select_folds(cfg.folds, store.folds)
+    if cfg.finetune != "full" and cfg.pretrained in ("", "none"):
+        print(f"note: finetune={cfg.finetune} on a randomly initialised {cfg.backbone}: the frozen backbone's "
+              f"features are random, so expect results near chance (measured on the demo ViT with LoRA: CV AUROC "
+              f"0.49); LoRA and linear probing adapt pretrained weights (pretrained=hub or a weights file)",
+              flush=True)
     synthetic = synthetic_stores(cfg, store, folds)  # refuses leaking stores before anything runs
     key = experiment_key(cfg, store)
     job_of = os.environ.pop(FOLD_JOB_PARENT, None)
