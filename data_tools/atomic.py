@@ -95,8 +95,8 @@ def clean_leftovers(out: str | Path) -> list[str]:
 def staging_dir(out: str | Path, kind: str = "tmp") -> Iterator[Path]:
     """A new temporary sibling of `out`, removed when the block ends whatever happened."""
     path = staging_path(Path(out), kind)
-    path.mkdir(parents=True)
-    try:
+    try:  # mkdir inside: a SIGTERM (SystemExit) right after it must not leave the folder behind
+        path.mkdir(parents=True)
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
