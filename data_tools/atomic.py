@@ -1,7 +1,8 @@
-"""Folders that appear whole or not at all: write into a temporary sibling, then swap it in.
+"""Files and folders that appear whole or not at all: write into a temporary sibling, then
+rename or swap it in.
 
-Used for stores, checkpoints and generator weights, so a killed process never leaves a
-half-written folder under the final name. Replacing an existing folder is one atomic step
+Used for stores, checkpoints, generator weights, training state and prediction files, so a
+killed process never leaves a half-written file or folder under the final name. Replacing an existing folder is one atomic step
 where the kernel offers it (Linux `renameat2(RENAME_EXCHANGE)`: the two folders swap names),
 two renames elsewhere. Staging folders are named `.<name>.<kind>-<host>-<pid>-<random>`, so
 a later process can tell the leftovers of a dead one (`clean_leftovers`) from a live one's.
@@ -86,9 +87,25 @@ def clean_leftovers(out: str | Path) -> list[str]:
             os.replace(path, out)
             done.append(f"restored {out} from {path.name} (a replacement was interrupted)")
         else:
-            shutil.rmtree(path, ignore_errors=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
             done.append(f"removed {path.name} (left by an interrupted write)")
     return done
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path of the file `path` to write; when the block succeeds it
+    replaces `path` in one rename, else it is removed. Every writer of a single file uses this."""
+    path = Path(path)
+    tmp = staging_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from data_tools.atomic import replace_dir, staging_dir
+from data_tools.atomic import atomic_file, replace_dir, staging_dir
 from data_tools.constants import ATYPICAL, NORMAL, UNLABELLED
 from data_tools.errors import UserError
 
@@ -135,9 +134,8 @@ def _finish(tmp: Path, out: Path, **meta) -> Store:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str))
 
 
 class StoreWriter:

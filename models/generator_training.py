@@ -5,7 +5,7 @@ null class only) and per-fold fine-tuning (labels, dropped to null once per samp
 probability `label_dropout`), starting from a previous `Generator`.
 
 After every epoch the stage's state (weights, EMA, AdamW moments, history) is written to
-`<workdir>/<stage>.safetensors` (temp file + os.replace); a rerun with the same workdir
+`<workdir>/<stage>.safetensors` (data_tools.atomic.atomic_file); a rerun with the same workdir
 continues after the last finished epoch. Each epoch's shuffling/noise comes from a
 generator seeded by (seed, stage, epoch), so a resumed run draws what an unbroken one would.
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +31,7 @@ from accelerate.utils import get_int_from_env
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from data_tools.atomic import atomic_file
 from data_tools.errors import ConfigError
 from data_tools.grids import mosaic
 from data_tools.params import identity_fields, param
@@ -284,9 +284,8 @@ def _save_state(path: Path, stage: _Stage, opt: torch.optim.Optimizer, epoch: in
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     meta = {"epoch": epoch, "history": stage.history, "param_groups": opt_state["param_groups"],
             "ema_steps": stage.ema.steps if stage.ema is not None else 0}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
 
 
 def _load_state(path: Path, stage: _Stage, opt: torch.optim.Optimizer) -> int:

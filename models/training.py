@@ -32,13 +32,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from data_tools.atomic import atomic_file
 from data_tools.errors import ConfigError
 from models.metrics import binary_metrics
 from data_tools.augment import PRESETS, STAIN_NORMS, augment_and_preprocess, preprocess, preset
 from data_tools.batches import SAMPLERS, CropPool, concat_pools, epoch_order, iterate_batches, pool_from_store
 from data_tools.constants import ATYPICAL, NORMAL
 from data_tools.folds import balance_count
-from data_tools.provenance import check_synthetic_for_fold
 from data_tools.params import identity_fields, param
 from data_tools.store import Store
 from models.backbones import REGISTRY, BackboneSpec, resolve_backbone
@@ -146,7 +146,9 @@ def synthetic_rows(synthetic: Store, n: int, seed: int, k: int) -> np.ndarray:
 
 
 def fold_pools(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None) -> tuple[CropPool, CropPool, int]:
-    """Fold k's training pool (real + synthetic atypical crops) and its real-only validation pool."""
+    """Fold k's training pool (real + synthetic atypical crops) and its real-only validation pool.
+    `synthetic` must have passed data_tools.provenance.check_synthetic_for_fold (train_cv checks every
+    fold's before training any)."""
     if k not in store.folds:
         raise ConfigError(f"fold {k} is not a fold of store {store.path} (folds {store.folds})")
     train_rows, val_rows = store.fold_rows(k)
@@ -158,7 +160,6 @@ def fold_pools(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None) 
     train = pool_from_store(store, train_rows)
     n_syn = 0
     if synthetic is not None:
-        check_synthetic_for_fold(synthetic, store, k)
         wanted = cfg.n_synthetic if cfg.n_synthetic is not None else balance_count(store, k)
         rows = synthetic_rows(synthetic, wanted, cfg.seed, k)  # at most what the store has
         n_syn = len(rows)
@@ -179,9 +180,8 @@ def _fingerprint(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None
 
 
 def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _load_state(path: Path, fingerprint: str) -> dict | None:
@@ -314,9 +314,8 @@ def train_fold(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None =
                 "backbone_set": cfg.backbone_set, "backbone": cfg.backbone, "fold": k, "epoch": epoch, "seed": cfg.seed,
                 "val_auroc": m["auroc"], "val_ba": m["ba"], "data_digest": store.digest}, finetune=ft, base=base)
             preds = val_pool.frame().assign(prob=probs.astype(np.float64))[["sample_id", "label", "prob", "domain"]]
-            tmp = workdir / (BEST_PREDICTIONS + ".tmp")
-            preds.to_csv(tmp, index=False)
-            os.replace(tmp, workdir / BEST_PREDICTIONS)
+            with atomic_file(workdir / BEST_PREDICTIONS) as tmp:
+                preds.to_csv(tmp, index=False)
         history.append(dataclasses.asdict(metrics))
         if on_epoch is not None:
             on_epoch(epoch, metrics)
