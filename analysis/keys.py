@@ -4,6 +4,10 @@ analysis that reads them cannot drift apart (docs/DESIGN.md, "MLflow runs").
 Params are the fields of the step configs (pipelines/config.py): the `P_*` names here are the
 ones other steps read back, and a test checks that each is a field (or a derived param) of
 the step that logs it."""
+import re
+from typing import Mapping, TypeVar
+
+_V = TypeVar("_V")
 
 # tags on every run
 STEP = "step"
@@ -79,14 +83,33 @@ CV_BA_STD = "cv_ba_std"
 CV_SUMMARY = (CV_AUROC_MEAN, CV_AUROC_STD, CV_BA_MEAN, CV_BA_STD)  # also copied onto evaluate runs (UI comparison)
 
 
+FOLD_DOMAIN = "domain"  # lodo: fold_domain_param(k), a train_cv parent param
+
+
 def fold_domain_param(k: int) -> str:
     """lodo: the domain (or merged domains) fold k holds out, e.g. "fold2_domain"."""
-    return f"fold{k}_domain"
+    return fold_metric(k, FOLD_DOMAIN)
 
 
 def fold_metric(k: int, name: str) -> str:
     """Per-fold summary on the parent run, e.g. fold_metric(3, "auroc") -> "fold3_auroc"."""
     return f"fold{k}_{name}"
+
+
+def fold_model(k: int) -> str:
+    """The registered model's name of fold k's checkpoint (its artifact, and its key in the
+    model_config's fold thresholds), e.g. "fold3"."""
+    return f"fold{k}"
+
+
+_FOLD_KEY = re.compile(r"fold(\d+)(?:_(.+))?")
+
+
+def fold_values(mapping: Mapping[str, _V], name: str | None) -> dict[int, _V]:
+    """{k: value} of the fold{k}_<name> entries of a run's metrics or params, sorted by k
+    (name None: the fold{k} entries of the registered model's artifacts or fold thresholds)."""
+    found = {int(m[1]): v for key, v in mapping.items() if (m := _FOLD_KEY.fullmatch(key)) and m[2] == name}
+    return dict(sorted(found.items()))
 
 
 # fold (child) run metrics, per epoch

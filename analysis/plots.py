@@ -1,4 +1,5 @@
-"""The figures: fold AUROCs per row, ROC curves (of the report's rows, of evaluate's domains), a reliability diagram."""
+"""The figures: fold AUROCs per row, ROC curves (of the report's rows, of evaluate's domains), evaluate's confusion
+matrix, a reliability diagram."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,6 +14,7 @@ from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from analysis.tables import MEAN, SD  # noqa: E402
+from data_tools.constants import ATYPICAL, NORMAL  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -52,6 +54,28 @@ def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str = "T
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=7)
     return fig
+
+
+def plot_domain_rocs(frame: pd.DataFrame, path: str | Path) -> Path:
+    """evaluate's ROC, saved: all crops (bold) and each domain with both classes; `frame`: label, prob, domain."""
+    groups = [("all", frame)] + [(str(d), g) for d, g in frame.groupby("domain", sort=True)]
+    curves = {name: (g["label"].to_numpy(), g["prob"].to_numpy()) for name, g in groups if g["label"].nunique() == 2}
+    return _save(roc_figure(curves, "Test ROC (AUROC)", bold="all"), path)
+
+
+def plot_confusion(frame: pd.DataFrame, threshold: float, path: str | Path) -> Path:
+    """evaluate's confusion matrix at the threshold, saved; `frame`: label, prob."""
+    y, pred = frame["label"].to_numpy(), (frame["prob"].to_numpy() >= threshold).astype(int)
+    cm = np.array([[np.sum((y == t) & (pred == p)) for p in (NORMAL, ATYPICAL)] for t in (NORMAL, ATYPICAL)])
+    fig, ax = plt.subplots(figsize=(4, 3.6))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["normal", "atypical"], yticklabels=["normal", "atypical"],
+           xlabel="predicted", ylabel="true", title=f"Confusion at threshold {threshold:.3f}")
+    return _save(fig, path)
 
 
 def plot_rocs(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "Test ROC") -> Path:

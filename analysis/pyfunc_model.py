@@ -3,6 +3,6 @@ this file to build the model when it loads it, so loading unpickles no Python ob
 The fold checkpoints and the threshold come in as the model's artifacts and model_config."""
 import mlflow
 
-from analysis.submission import EnsemblePyfunc
+from analysis.serving import EnsemblePyfunc
 
 mlflow.models.set_model(EnsemblePyfunc())

@@ -9,7 +9,6 @@ runs and, per test set, its latest finished `evaluate` run. Everything a row lac
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -74,12 +73,7 @@ class TrainRow:
     @property
     def fold_domains(self) -> dict[int, str]:
         """lodo: {k: the domain fold k holds out}; {} otherwise."""
-        found = {}
-        for param, value in self.run.data.params.items():
-            m = re.fullmatch(r"fold(\d+)_domain", param)
-            if m:
-                found[int(m.group(1))] = value
-        return dict(sorted(found.items()))
+        return keys.fold_values(self.run.data.params, keys.FOLD_DOMAIN)
 
     @property
     def name(self) -> str:
@@ -88,12 +82,7 @@ class TrainRow:
 
     def fold_metric(self, name: str) -> dict[int, float]:
         """{k: value} of the parent's fold{k}_<name> metrics, e.g. fold_metric("auroc")."""
-        found = {}
-        for metric, value in self.run.data.metrics.items():
-            m = re.fullmatch(rf"fold(\d+)_{re.escape(name)}", metric)
-            if m:
-                found[int(m.group(1))] = float(value)
-        return dict(sorted(found.items()))
+        return {k: float(v) for k, v in keys.fold_values(self.run.data.metrics, name).items()}
 
 
 @dataclass
@@ -140,18 +129,9 @@ def load_row(client: MlflowClient, run: Run) -> TrainRow:
     return row
 
 
-def expected_folds(row: TrainRow, n_folds: int | None = None) -> list[int]:
-    """The folds a row should have: its `folds` param when it lists them, else 1..K, with K
-    the largest fold seen in this row or (`n_folds`) in the other rows of the report."""
-    expected = runs.expected_folds(row.run, row.seen_folds)
-    if n_folds and not re.fullmatch(r"[\d,\s]+", row.run.data.params.get(keys.P_FOLDS, "") or "all"):
-        expected = sorted(set(expected) | set(range(1, n_folds + 1)))
-    return expected
-
-
 def missing_folds(row: TrainRow, n_folds: int | None = None) -> list[str]:
     """Sentences naming each fold without its fold{k}_auroc metric (Table 1 needs them all)."""
-    expected = expected_folds(row, n_folds)
+    expected = runs.expected_folds(row.run, row.seen_folds, n_folds)
     if not expected:
         return [f"{row.name}: no fold results at all (no fold{{k}}_auroc metric, no fold run)"]
     aurocs = row.fold_metric("auroc")
@@ -162,7 +142,7 @@ def missing_folds(row: TrainRow, n_folds: int | None = None) -> list[str]:
 
 def missing_fold_runs(row: TrainRow) -> list[int]:
     """Folds of the row without a finished fold run (the ensemble and the OOF statistics need them)."""
-    return [k for k in expected_folds(row) if k not in row.fold_runs]
+    return [k for k in runs.expected_folds(row.run, row.seen_folds) if k not in row.fold_runs]
 
 
 def _named_parents(client: MlflowClient, run_ids: list[str], problems: list[str]) -> list[Run]:
@@ -240,8 +220,9 @@ def eval_runs(client: MlflowClient, exp_ids: list[str], rows: list[TrainRow]) ->
     return dict(sorted(found.items()))
 
 
-def out_of_fold_predictions(row: TrainRow) -> tuple[pd.DataFrame | None, str | None]:
-    """The row's validation predictions of all folds (sample_id, label, prob, fold), or why not."""
+def oof_or_reason(row: TrainRow) -> tuple[pd.DataFrame | None, str | None]:
+    """runs.oof_predictions of the row's fold runs, or (None, why not), so that the report
+    (curves, analysis.stats.compare_regimes) can skip a row and say why."""
     lacking = missing_fold_runs(row)
     if lacking:
         return None, f"no finished fold run for fold(s) {lacking}"

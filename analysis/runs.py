@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from pathlib import Path
 
@@ -112,12 +111,13 @@ def fold_runs(client: MlflowClient, parent_id: str) -> dict[int, Run]:
     return newest_finished(fold_attempts(client, parent_id))
 
 
-def expected_folds(parent: Run, seen: set[int] | None = None) -> list[int]:
-    """Folds the parent was asked for: its `folds` param when it lists them ("1,3"), else 1..max fold seen."""
+def expected_folds(parent: Run, seen: set[int] | None = None, n_folds: int | None = None) -> list[int]:
+    """Folds the parent was asked for: its `folds` param when it lists them ("1,3"), else 1..K with
+    K the largest fold seen or, if larger, `n_folds` (the report: the most folds of a row of this split)."""
     listed = parse_fold_list(parent.data.params.get(keys.P_FOLDS, ""))
     if listed is not None:
         return listed
-    return list(range(1, max(seen) + 1)) if seen else []
+    return list(range(1, max(max(seen or (), default=0), n_folds or 0) + 1))
 
 
 def complete_fold_runs(client: MlflowClient, parent_id: str) -> dict[int, Run]:
@@ -207,13 +207,9 @@ def run_threshold(run: Run) -> float | None:
     return None
 
 
-_FOLD_THRESHOLD = re.compile(keys.fold_metric(r"(\d+)", keys.FOLD_THRESHOLD))
-
-
 def run_fold_thresholds(run: Run) -> dict[int, float] | None:
     """fold_ba: {k: fold model k's threshold} an evaluate run used (metrics fold<k>_threshold), else None."""
-    found = {int(m.group(1)): v for key, v in run.data.metrics.items() if (m := _FOLD_THRESHOLD.fullmatch(key))}
-    return dict(sorted(found.items())) or None
+    return keys.fold_values(run.data.metrics, keys.FOLD_THRESHOLD) or None
 
 
 def latest_evaluate_run(train_run_id: str) -> Run | None:

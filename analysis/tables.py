@@ -16,7 +16,7 @@ from analysis import keys
 from analysis.queries import RECIPE_DEFAULTS, EvalRun, TrainRow
 from data_tools.errors import ConfigError
 from models.backbones import resolve_backbone
-from models.finetune import Finetune
+from models.finetune import finetune_label
 from models.metrics import mean_and_population_sd
 
 REGIME_NAMES = {keys.REAL_ONLY: "real", keys.SYNTH_BALANCED: "real+synth"}
@@ -55,7 +55,7 @@ def recipe_name(backbone: str, recipe: dict[str, str] | None = None) -> str:
         found.append(f"weights {Path(pretrained).name}")
     found += [names[rec[k]] for k, names in _QUALIFIERS.items() if rec[k] in names]
     rank = int(rec[keys.P_LORA_RANK]) if str(rec[keys.P_LORA_RANK]).isdigit() else 0
-    mode = Finetune(rec[keys.P_FINETUNE], rank).label
+    mode = finetune_label(rec[keys.P_FINETUNE], rank)
     return f"{backbone_name(backbone, rec[keys.P_BACKBONE_SET])}{mode}" + (f" [{', '.join(found)}]" if found else "")
 
 

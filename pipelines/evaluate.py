@@ -19,26 +19,22 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-from analysis import keys, runs  # noqa: E402
-from analysis.plots import roc_figure  # noqa: E402
-from data_tools.constants import ATYPICAL, NORMAL  # noqa: E402
+from analysis import keys, runs
+from analysis.plots import plot_confusion, plot_domain_rocs
+from data_tools.constants import ATYPICAL, NORMAL
 from data_tools.errors import ConfigError, UserError
-from data_tools.params import param  # noqa: E402
-from data_tools.store import Store, open_store  # noqa: E402
-from models.checkpoint import resolve_device  # noqa: E402
-from models.metrics import METRICS, ba_optimal_threshold, bootstrap_metrics, calibrated_ba_threshold  # noqa: E402
-from models.tta import TTA_MODES  # noqa: E402
-from pipelines.common import cli_step, log_params, log_store, step_run  # noqa: E402
-from pipelines.config import StepConfig, as_params, from_cli  # noqa: E402
+from data_tools.params import param
+from data_tools.store import Store, open_store
+from models.checkpoint import resolve_device
+from models.metrics import METRICS, ba_optimal_threshold, bootstrap_metrics, calibrated_ba_threshold
+from models.tta import TTA_MODES
+from pipelines.common import cli_step, log_params, log_store, step_run
+from pipelines.config import StepConfig, as_params, from_cli
 
 
 class OverlapError(UserError, RuntimeError):
@@ -65,11 +61,6 @@ class EvaluateConfig(StepConfig):
 CONFIG = EvaluateConfig
 
 
-def oof_predictions(train_run_id: str) -> pd.DataFrame:
-    """The pooled out-of-fold validation predictions of a train_cv run's complete fold set."""
-    return runs.oof_predictions(runs.complete_fold_runs(MlflowClient(), train_run_id))
-
-
 def fold_thresholds(oof: pd.DataFrame) -> dict[int, float]:
     """{k: the BA-optimal threshold of fold model k, calibrated on its own out-of-fold predictions}."""
     out = {}
@@ -84,7 +75,7 @@ def fold_thresholds(oof: pd.DataFrame) -> dict[int, float]:
 def choose_threshold(spec: str, train_run_id: str) -> tuple[float, dict[int, float] | None]:
     """(threshold on the ensemble's score, {k: t_k} for fold_ba else None)."""
     if spec in ("cv_ba", "fold_ba"):
-        oof = oof_predictions(train_run_id)
+        oof = runs.oof_predictions(runs.complete_fold_runs(MlflowClient(), train_run_id))
         if spec == "fold_ba":
             return 0.5, fold_thresholds(oof)
         return ba_optimal_threshold(oof["label"].to_numpy(), oof["prob"].to_numpy()), None
@@ -141,28 +132,6 @@ def domain_metrics(frame: pd.DataFrame, threshold: float, n_boot: int, seed: int
     return out
 
 
-def domain_roc_figure(frame: pd.DataFrame):
-    """ROC of all crops (bold) and of each domain with both classes."""
-    groups = [("all", frame)] + [(str(d), g) for d, g in frame.groupby("domain", sort=True)]
-    curves = {name: (g["label"].to_numpy(), g["prob"].to_numpy()) for name, g in groups if g["label"].nunique() == 2}
-    return roc_figure(curves, "Test ROC (AUROC)", bold="all")
-
-
-def confusion_figure(frame: pd.DataFrame, threshold: float):
-    y, pred = frame["label"].to_numpy(), (frame["prob"].to_numpy() >= threshold).astype(int)
-    cm = np.array([[np.sum((y == t) & (pred == p)) for p in (NORMAL, ATYPICAL)] for t in (NORMAL, ATYPICAL)])
-    fig, ax = plt.subplots(figsize=(4, 3.6))
-    ax.imshow(cm, cmap="Blues")
-    for i in range(2):
-        for j in range(2):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["normal", "atypical"], yticklabels=["normal", "atypical"],
-           xlabel="predicted", ylabel="true", title=f"Confusion at threshold {threshold:.3f}")
-    fig.tight_layout()
-    return fig
-
-
 def _shown(metrics: dict[str, float], name: str) -> str:
     value, lo, hi = (metrics.get(k) for k in (keys.test_metric(name), keys.test_ci_metric(name, "lo"),
                                               keys.test_ci_metric(name, "hi")))
@@ -213,9 +182,8 @@ def run_evaluate(cfg: EvaluateConfig) -> str:
             if len(labelled):
                 metrics = domain_metrics(labelled, threshold, cfg.n_boot)
                 mlflow.log_metrics(metrics)
-                mlflow.log_figure(domain_roc_figure(labelled), keys.FIG_ROC)
-                mlflow.log_figure(confusion_figure(labelled, threshold), keys.FIG_CONFUSION)
-                plt.close("all")
+                mlflow.log_artifact(str(plot_domain_rocs(labelled, Path(tmp) / keys.FIG_ROC)))
+                mlflow.log_artifact(str(plot_confusion(labelled, threshold, Path(tmp) / keys.FIG_CONFUSION)))
                 rule = f"{cfg.threshold} " if per_fold else ""
                 print(f"{name}: threshold {rule}{threshold:.4f}; " + ", ".join(_shown(metrics, m) for m in METRICS))
             else:

@@ -19,7 +19,7 @@ from pathlib import Path
 import mlflow
 
 from analysis import keys
-from analysis.submission import check_output, export_model, load_predictor, write_predictions
+from analysis.serving import check_output, export_model, load_predictor, write_predictions
 from data_tools.inputs import load_inputs
 from data_tools.params import param
 from models.tta import TTA_MODES

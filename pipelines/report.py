@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis import keys
 from analysis.plots import plot_calibration, plot_domain_gap, plot_fold_aurocs, plot_rocs
-from analysis.queries import EvalRun, TrainRow, eval_runs, out_of_fold_predictions, train_rows
+from analysis.queries import EvalRun, TrainRow, eval_runs, oof_or_reason, train_rows
 from analysis.runs import experiment_ids, read_csv_artifact
 from analysis.stats import compare_regimes
 from analysis.submission import CRITERIA, SelectionError, log_ensemble_model, select_row
@@ -91,7 +91,7 @@ def _predictions(rows: list[TrainRow], evals: dict[str, EvalRun] | None, report:
     if curves:
         return curves, "test"
     for row in rows:
-        oof, _ = out_of_fold_predictions(row)
+        oof, _ = oof_or_reason(row)
         if oof is not None:
             curves[label(row)] = (oof["label"].to_numpy(int), oof["prob"].to_numpy(float))
     return curves, ("out-of-fold predictions" if curves else None)
@@ -150,7 +150,7 @@ def domain_gap_figure(grouped: list[TrainRow], held_out: list[TrainRow], report:
 
 
 def comparison_section(rows: list[TrainRow], n_boot: int, report: Report, lodo: bool = False) -> None:
-    records, skipped = compare_regimes(rows, out_of_fold_predictions, n_boot=n_boot, name=group_label)
+    records, skipped = compare_regimes(rows, oof_or_reason, n_boot=n_boot, name=group_label)
     title = "Does synthetic balancing help on an unseen domain?" if lodo else "Does synthetic balancing help?"
     report.skip(title if lodo else "Regime comparison", skipped)
     if not records:

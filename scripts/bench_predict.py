@@ -5,7 +5,7 @@
     python scripts/bench_predict.py --model models:/atypical-mitosis-classifier@submission
 
 Without --model the ensemble is built from randomly initialised networks of the chosen
-backbone and profile: the compute is the same as with trained weights, and nothing is
+backbone and backbone set: the compute is the same as with trained weights, and nothing is
 downloaded. The platform gives 16 crops per stack, so batch 16 is the case that matters.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.submission import load_predictor  # noqa: E402
+from analysis.serving import load_predictor  # noqa: E402
 from data_tools.demo import make_demo  # noqa: E402
 from models.backbones import resolve_backbone  # noqa: E402
 from models.classifier import build_classifier  # noqa: E402
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="", help="model URI, pyfunc folder or train_cv run id (default: random weights)")
     p.add_argument("--backbone", default="convnext")
-    p.add_argument("--profile", default="paper", help="backbone sizes: paper | demo")
+    p.add_argument("--backbone_set", default="paper", help="backbone sizes: paper | demo")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--batch_sizes", default="1,16,64")
     p.add_argument("--n", type=int, default=128, help="crops per measurement")
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.model:
         ensemble, what = load_predictor(args.model, args.device).ensemble, args.model
     else:
-        spec = resolve_backbone(args.backbone, args.profile)
+        spec = resolve_backbone(args.backbone, args.backbone_set)
         models = [build_classifier(spec, "none") for _ in range(args.folds)]
         ensemble = FoldEnsemble(models, [spec] * args.folds, args.device)
         what = f"{args.folds} x {spec.timm_name} at {spec.input_size} px (random weights)"

@@ -24,7 +24,7 @@ from data_tools.demo import make_demo
 from data_tools.ingest import ingest
 from data_tools.store import write_store
 from pipelines import predict
-from pipelines.evaluate import EvaluateConfig, OverlapError, oof_predictions, run_evaluate
+from pipelines.evaluate import EvaluateConfig, OverlapError, run_evaluate
 from pipelines.train_cv import TrainCVConfig, run_train_cv
 from pipelines.config import build
 from analysis.runs import load_ensemble
@@ -83,6 +83,7 @@ def tracked(trained, monkeypatch, tmp_path):
     return run_id, test
 
 
+@pytest.mark.slow
 def test_evaluate_logs_the_contract(tracked):
     train_id, test = tracked
     run_id = run_evaluate(_eval(train_run_id=train_id, test_data=str(test.path), threshold="0.5", n_boot=100))
@@ -107,9 +108,10 @@ def test_evaluate_logs_the_contract(tracked):
     assert {"roc.png", "confusion.png", keys.PREDICTIONS} <= {f.path for f in MlflowClient().list_artifacts(run_id)}
 
 
+@pytest.mark.slow
 def test_cv_ba_threshold_comes_from_the_pooled_oof_predictions(tracked):
     train_id, test = tracked
-    oof = oof_predictions(train_id)
+    oof = runs.oof_predictions(runs.complete_fold_runs(MlflowClient(), train_id))
     assert sorted(oof["fold"].unique()) == [1, 2]
     run_id = run_evaluate(_eval(train_run_id=train_id, test_data=str(test.path), threshold="cv_ba", n_boot=0))
     m = MlflowClient().get_run(run_id).data.metrics
@@ -133,6 +135,7 @@ def test_the_calibrated_ba_threshold_finds_the_known_optimum_more_steadily_than_
     assert calibrated_ba_threshold(y, p) == ba_optimal_threshold(y, p)
 
 
+@pytest.mark.slow
 def test_overlap_with_the_training_store_is_refused_unless_allowed(tracked, trained, tmp_path):
     train_id, _ = tracked
     store = trained[3]
@@ -149,6 +152,7 @@ def test_overlap_with_the_training_store_is_refused_unless_allowed(tracked, trai
     assert set(pairs["id_b"]) == set(index["sample_id"])
 
 
+@pytest.mark.slow
 def test_mlflow_run_evaluate_from_the_command_line(tracked):
     train_id, test = tracked
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}
@@ -164,9 +168,10 @@ def test_mlflow_run_evaluate_from_the_command_line(tracked):
     assert keys.test_metric("auroc") in run.data.metrics and run.data.tags[keys.TEST_SET] == "demo_test"
 
 
+@pytest.mark.slow
 def test_fold_ba_and_the_same_decisions_from_predict_and_the_registered_model(tracked, tmp_path):
     train_id, test = tracked
-    oof = oof_predictions(train_id)
+    oof = runs.oof_predictions(runs.complete_fold_runs(MlflowClient(), train_id))
     t = {k: calibrated_ba_threshold(g["label"], g["prob"]) for k, g in oof.groupby("fold")}  # each model on its own
     run_id = run_evaluate(_eval(train_run_id=train_id, test_data=str(test.path), threshold="fold_ba", n_boot=0))
     run = MlflowClient().get_run(run_id)

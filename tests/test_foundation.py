@@ -14,13 +14,14 @@ from safetensors.torch import save_file
 
 from analysis import keys
 from analysis.queries import load_row
-from analysis.submission import load_predictor, log_ensemble_model
+from analysis.serving import load_predictor
+from analysis.submission import log_ensemble_model
 from data_tools.images import encode_png_base64
 from data_tools.ingest import ingest
 from models import backbones
 from models.checkpoint import TRAINED, WEIGHTS, WEIGHTS_DIR_ENV, CheckpointError, load_checkpoint
 from models.classifier import PretrainedWeightsError, build_classifier
-from models.finetune import Finetune, apply_finetune, count_params
+from models.finetune import apply_finetune, count_params
 from models.training import fold_pools, predict_pool, train_fold
 from pipelines.config import build
 from pipelines.train_cv import TrainCVConfig, run_train_cv
@@ -70,7 +71,7 @@ def test_lora_trains_only_adapters_and_head_and_its_checkpoint_round_trips(name,
     spec = shrunk(name)
     base = _base_file(spec, tmp_path / f"{name}.safetensors")
     plain = build_classifier(spec, base)
-    ft = Finetune("lora", lora_rank=4)
+    ft = _config(small_store, name, base, "lora", lora_rank=4).finetune_spec()
     lora = apply_finetune(build_classifier(spec, base), ft)
     linears = {n: m for n, m in plain.named_modules() if ADAPTED.fullmatch(n) and isinstance(m, torch.nn.Linear)}
     assert len(linears) == 2 * (4 if name != "dinov3" else 5)  # qkv, proj, fc1 (SwiGLU: fc1_g + fc1_x), fc2
@@ -98,7 +99,7 @@ def test_lora_trains_only_adapters_and_head_and_its_checkpoint_round_trips(name,
 def test_linear_probe_trains_the_head_only(small_store, tiny_set, tmp_path):
     spec = shrunk("virchow2")  # the class token + mean of patch tokens head
     base = _base_file(spec, tmp_path / "virchow2.safetensors")
-    model = apply_finetune(build_classifier(spec, base), Finetune("linear"))
+    model = apply_finetune(build_classifier(spec, base), _config(small_store, "virchow2", base, "linear").finetune_spec())
     assert count_params(model)[1] == 2 * 32 + 1
     result = train_fold(_config(small_store, "virchow2", base, "linear"), small_store, 1, None, tmp_path / "w")
     loaded, _, _ = load_checkpoint(result.checkpoint)
@@ -146,6 +147,7 @@ def test_lora_ensemble_predicts_through_predict_and_the_pyfunc(small_store, tiny
     assert 0 < prob.min() < prob.max() < 1
 
 
+@pytest.mark.slow
 def test_train_cv_lora_on_the_demo_vit_logs_counts_and_a_cv_auroc(demo_store, tracking):
     cfg = build(TrainCVConfig, "demo", data=str(demo_store.path), backbone="lunit", folds="1", epochs=1,
                 finetune="lora", workroot=".work")

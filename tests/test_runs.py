@@ -10,11 +10,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from analysis import keys, runs
-from analysis.queries import out_of_fold_predictions, train_rows
+from analysis.queries import oof_or_reason, train_rows
 from analysis.runs import experiment_ids
-from analysis.submission import download_checkpoints
 from models.ensemble import FoldEnsemble
-from pipelines.evaluate import oof_predictions
 from pipelines.synthesize import generator_fold_runs
 from pipelines.train_cv import update_summary
 
@@ -57,16 +55,16 @@ def test_every_consumer_picks_the_newest_finished_fold_run(fold_run_twice, tmp_p
     # train_cv's summary on the parent
     assert update_summary(client, parent)[keys.fold_metric(1, "auroc")] == pytest.approx(0.83)
     # evaluate's out-of-fold predictions (the cv_ba threshold)
-    oof = oof_predictions(parent)
+    oof = runs.oof_predictions(runs.complete_fold_runs(client, parent))
     assert oof.loc[oof["fold"] == 1, "prob"].eq(0.9).all()
     # the report's row and its out-of-fold predictions (the regime comparison)
     [row], _ = train_rows(client, experiment_ids(client, "test"))
     assert row.fold_runs[1].info.run_id == new
-    assert out_of_fold_predictions(row)[0].loc[lambda d: d["fold"] == 1, "prob"].eq(0.9).all()
+    assert oof_or_reason(row)[0].loc[lambda d: d["fold"] == 1, "prob"].eq(0.9).all()
     # the submission model's checkpoints and the ensemble evaluate / predict load
-    dirs = download_checkpoints(row, tmp_path / "sub")
+    dirs = runs.download_checkpoints(row.fold_runs, tmp_path / "sub")
     assert (tmp_path / "sub/fold1/checkpoint/model.safetensors").read_bytes() == \
-        (new_ckpt / "model.safetensors").read_bytes() and set(dirs) == {"fold1", "fold2"}
+        (new_ckpt / "model.safetensors").read_bytes() and set(dirs) == {1, 2}
     crops = np.random.default_rng(0).integers(0, 255, (3, 128, 128, 3), dtype=np.uint8)
     expected = FoldEnsemble.from_dirs([new_ckpt, old_ckpt]).predict_proba(crops)
     np.testing.assert_allclose(runs.load_ensemble(parent).predict_proba(crops), expected, atol=1e-6)
@@ -88,6 +86,9 @@ def test_a_partial_fold_set_is_refused_by_evaluate_and_the_ensemble(tracking, ti
         with mlflow.start_run(nested=True, tags={keys.STEP: keys.TRAIN_CV, keys.FOLD: "3"}) as failed:
             pass
         MlflowClient().set_terminated(failed.info.run_id, "FAILED")
+    def oof_predictions(parent_id):  # evaluate's cv_ba / fold_ba thresholds
+        return runs.oof_predictions(runs.complete_fold_runs(MlflowClient(), parent_id))
+
     for load in (oof_predictions, runs.load_ensemble):
         with pytest.raises(runs.RunLookupError, match=r"fold\(s\) \[3\]"):
             load(parent.info.run_id)
