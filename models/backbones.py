@@ -113,11 +113,12 @@ PAPER.update(FOUNDATION)
 REGISTRY = {"paper": PAPER, "demo": DEMO}
 
 
-def resolve_backbone(name: str, profile: str = "paper") -> BackboneSpec:
-    """The spec of `name` in `profile`; an unknown name is looked up in timm."""
-    if profile not in REGISTRY:
-        raise ConfigError(f"unknown profile {profile!r}; choose one of {sorted(REGISTRY)}")
-    for table in (REGISTRY[profile], PAPER):
+def resolve_backbone(name: str, backbone_set: str) -> BackboneSpec:
+    """The spec of `name` in the backbone set (`paper` | `demo`, a config's `backbone_set`); an
+    unknown name is looked up in timm."""
+    if backbone_set not in REGISTRY:
+        raise ConfigError(f"unknown backbone set {backbone_set!r}; choose one of {sorted(REGISTRY)}")
+    for table in (REGISTRY[backbone_set], PAPER):
         if name in table:
             return table[name]
     return _timm_passthrough(name)

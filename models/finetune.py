@@ -22,19 +22,20 @@ FINETUNE_MODES = ("full", "lora", "linear")
 
 @dataclass(frozen=True)
 class Finetune:
-    mode: str = "full"
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.3
-    lora_targets: str = "qkv,proj,fc1,fc2"  # module names inside the transformer (or ConvNeXt) blocks
+    """The fine-tuning fields of a step config (`TrainConfig.finetune_spec`): no defaults of its
+    own, the profiles (pipelines/profiles.py) hold them."""
+    mode: str
+    lora_rank: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_targets: str  # module names inside the transformer (or ConvNeXt) blocks
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @property
     def label(self) -> str:
-        """What the tables add to the backbone's name."""
-        return {"lora": f" + LoRA r{self.lora_rank}", "linear": " + linear probe"}.get(self.mode, "")
+        return finetune_label(self.mode, self.lora_rank)
 
     def targets_pattern(self) -> str:
         """peft's target_modules as a regex: the named linear layers of the blocks, never the patch
@@ -43,6 +44,11 @@ class Finetune:
         if not names:
             raise ConfigError("lora_targets is empty; give module names such as qkv,proj,fc1,fc2")
         return rf"(.*\.)?blocks\.\d+\.(.*\.)?({'|'.join(map(_word, names))})(_g|_x)?"
+
+
+def finetune_label(mode: str, lora_rank: int | str) -> str:
+    """What the tables add to the backbone's name."""
+    return {"lora": f" + LoRA r{lora_rank}", "linear": " + linear probe"}.get(mode, "")
 
 
 def _word(name: str) -> str:

@@ -18,7 +18,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 from accelerate import Accelerator
 
@@ -26,14 +25,15 @@ from analysis import keys
 from data_tools.errors import ConfigError
 from data_tools.folds import select_folds
 from data_tools.params import param
-from data_tools.provenance import LeakageError, fold_train_ids, ids_digest
-from data_tools.store import Store, open_store
+from data_tools.provenance import fold_train_ids, ids_digest
+from data_tools.store import Store
 from models.generator import Generator, encode_moments
 from models.generator_training import FitConfig, fit_generator
 from pipelines.common import cli_step, log_params, log_store
 from pipelines.config import StepConfig, as_params, from_cli
-from pipelines.generator_pretrain import (epoch_logger, log_generator, main_process_run, main_process_value,
-                                          training_processes)
+from pipelines.demo_data import open_data
+from pipelines.generator_runs import (check_pretraining, download_generator, epoch_logger, log_generator,
+                                      main_process_run, main_process_value, training_processes)
 
 
 
@@ -49,26 +49,6 @@ class GeneratorFinetuneConfig(StepConfig, FitConfig):
 
 
 CONFIG = GeneratorFinetuneConfig
-
-
-def download_generator(run_id: str, dst: str | Path, parts: tuple[str, ...] = (keys.VAE_DIR, keys.DIT_DIR, keys.TRAIN_IDS)
-                       ) -> Path:
-    """A run's `vae/`, `dit/` and `train_ids.txt` artifacts (or the `parts` asked for) into dst."""
-    for part in parts:
-        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=part, dst_path=str(dst))
-    return Path(dst)
-
-
-def check_pretraining(pretrain_ids: Path, store: Store) -> None:
-    """Fold isolation starts at pretraining: no CV-pool crop may be among its crops."""
-    seen = set(pretrain_ids.read_text().split())
-    pool = store.index.loc[store.index["fold"] > 0, "sample_id"].astype(str)
-    shared = pool[pool.isin(seen)]
-    if len(shared):
-        raise LeakageError(f"the pretraining run saw {len(shared)} crops of {store.path}'s CV pool (e.g. "
-                           f"{shared.iloc[:3].tolist()}): every one is a validation crop of some fold. Pretrain on a "
-                           f"pool without them (the paper: unlabelled WSI crops; demo: prepare_data --source demo "
-                           f"--seed <other> --folds 0)")
 
 
 def encoded_cv_pool(gen: Generator, store: Store, device) -> tuple[np.ndarray, tuple]:
@@ -110,7 +90,7 @@ def finetune_fold(cfg: GeneratorFinetuneConfig, store: Store, k: int, pretrained
 @cli_step(keys.GENERATOR_FINETUNE)
 def main(argv: list[str] | None = None) -> str:
     cfg = from_cli(GeneratorFinetuneConfig, argv, __doc__)
-    store = open_store(cfg.data)
+    store = open_data(cfg.data, cfg.profile, keys.GENERATOR_FINETUNE)
     folds = select_folds(cfg.folds, store.folds)
     accelerator, device = training_processes(cfg.device)
     workdirs = []

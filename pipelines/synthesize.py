@@ -32,7 +32,7 @@ from models.sampling import SAMPLERS, generate
 from models.checkpoint import resolve_device
 from pipelines.common import cli_step, log_params, log_store, step_run
 from pipelines.config import StepConfig, as_params, from_cli
-from pipelines.generator_finetune import download_generator
+from pipelines.generator_runs import download_generator
 
 
 def generator_fold_runs(client: MlflowClient, finetune_run_id: str) -> dict[int, str]:

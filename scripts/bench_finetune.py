@@ -25,7 +25,9 @@ from data_tools.demo import make_demo  # noqa: E402
 from models.backbones import resolve_backbone  # noqa: E402
 from models.checkpoint import resolve_device  # noqa: E402
 from models.classifier import build_classifier  # noqa: E402
-from models.finetune import FINETUNE_MODES, Finetune, apply_finetune, count_params  # noqa: E402
+from models.finetune import FINETUNE_MODES, apply_finetune, count_params  # noqa: E402
+from pipelines.config import build  # noqa: E402
+from pipelines.train_cv import TrainCVConfig  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for mode in FINETUNE_MODES:
         torch.manual_seed(0)
-        model = apply_finetune(build_classifier(spec), Finetune(mode)).to(device)
+        finetune = build(TrainCVConfig, "demo", finetune=mode).finetune_spec()  # the profile's LoRA values
+        model = apply_finetune(build_classifier(spec), finetune).to(device)
         opt = torch.optim.NAdam([q for q in model.parameters() if q.requires_grad], lr=1e-4)
         gen, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
 

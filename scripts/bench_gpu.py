@@ -95,11 +95,11 @@ def reset_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def classifier(name: str, backbone: str, profile: str, batch: int, steps: int, device: torch.device,
+def classifier(name: str, backbone: str, backbone_set: str, batch: int, steps: int, device: torch.device,
                compile: bool = False) -> dict:
     """Training images/s of one backbone; `compile`: through torch.compile (train_cv compile=true),
     its one-off compile time measured apart (the first step)."""
-    spec = resolve_backbone(backbone, profile)
+    spec = resolve_backbone(backbone, backbone_set)
     torch.manual_seed(0)
     model = build_classifier(spec, "none").to(device)
     if device.type == "cuda":
@@ -182,13 +182,13 @@ print(len(prob), time.perf_counter() - t0)
 """
 
 
-def predict_cold(backbone: str, profile: str, device: torch.device) -> dict:
+def predict_cold(backbone: str, backbone_set: str, device: torch.device) -> dict:
     import tifffile
     with tempfile.TemporaryDirectory() as tmp:
         stack = Path(tmp) / "stack_1.tiff"
         tifffile.imwrite(stack, make_demo(16, seed=1)[0], photometric="rgb")
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-c", PREDICT_COLD, str(stack), backbone, profile, str(device)],
+        done = subprocess.run([sys.executable, "-c", PREDICT_COLD, str(stack), backbone, backbone_set, str(device)],
                               cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         wall = time.perf_counter() - start
     if done.returncode != 0:
@@ -234,20 +234,20 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    profile, steps, arch = ("demo", 3, "tiny") if args.quick else ("paper", 30, "base")
+    backbone_set, steps, arch = ("demo", 3, "tiny") if args.quick else ("paper", 30, "base")
     plans = [("ddpm", 20), ("dpmsolver++", 4)] if args.quick else [("ddpm", 1000), ("dpmsolver++", 20)]
     started = time.perf_counter()
     what = "demo backbones (--quick)" if args.quick else "the paper's backbones"
     print(f"bench_gpu on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), {what}")
-    rows = [classifier("ConvNeXt", "convnext", profile, 16, steps, device),
-            classifier("Lunit ViT", "lunit", profile, 16, steps, device)]
+    rows = [classifier("ConvNeXt", "convnext", backbone_set, 16, steps, device),
+            classifier("Lunit ViT", "lunit", backbone_set, 16, steps, device)]
     for r in rows:
         util = f", GPU {r['gpu_util']:.0f} % busy" if r["gpu_util"] is not None else ""
         print(f"  train {r['name']:<9} ({r['timm_name']}, {r['input_px']} px, batch {r['batch']}): "
               f"{r['images_per_s']:8.1f} img/s, "
               f"data path {r['data_path_share']:.0%} of the step, peak {r['peak_gib']:.2f} GiB{util}")
     compile_ = args.compile == "yes" or (args.compile == "auto" and device.type == "cuda" and not args.quick)
-    compiled = [classifier(r["name"], b, profile, 16, steps, device, compile=True)
+    compiled = [classifier(r["name"], b, backbone_set, 16, steps, device, compile=True)
                 for r, b in zip(rows, ("convnext", "lunit"))] if compile_ else []
     for r, c in zip(rows, compiled):
         print(f"  train {r['name']:<9} torch.compile: {c['images_per_s']:8.1f} img/s "
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     samples = sampling(arch, plans, 4, device)
     for s in samples:
         print(f"  sample {s['sampler']:<12} {s['steps']:>5} steps: {s['s_per_image']:8.3f} s per image")
-    cold = predict_cold("convnext", profile, device)
+    cold = predict_cold("convnext", backbone_set, device)
     print(f"  predict, 16-crop stack, 5 models, flip TTA, cold start: {cold['cold_start_s']:.1f} s "
           f"({cold['after_interpreter_s']:.1f} s after the interpreter started)")
     proj = projections(rows, gen_pre, gen_fold)

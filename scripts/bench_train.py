@@ -10,7 +10,7 @@ Both arms train the same model on the same crops with the paper's augmentation:
   Normalize), batched by a DataLoader with `--workers` worker processes.
 Prints images/s and the share of each step's wall time spent outside forward/backward/step.
 
-    python scripts/bench_train.py [--backbone convnext --profile demo --steps 40 --batch_size 32]
+    python scripts/bench_train.py [--backbone convnext --backbone_set demo --steps 40 --batch_size 32]
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="", help="a store (default: a fresh 1,500-crop demo store)")
     p.add_argument("--backbone", default="convnext")
-    p.add_argument("--profile", default="demo")
+    p.add_argument("--backbone_set", default="demo")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the per-sample baseline")
@@ -106,7 +106,7 @@ def main(argv=None):
                           "cpu" if args.device == "auto" else args.device)
     with tempfile.TemporaryDirectory() as tmp:
         store = open_store(args.data) if args.data else ingest("demo", None, Path(tmp) / "demo", folds=5, size=1500)[0]
-        spec = resolve_backbone(args.backbone, args.profile)
+        spec = resolve_backbone(args.backbone, args.backbone_set)
         rows, _ = store.fold_rows(1)
         n_needed = (args.steps + 3) * args.batch_size
         rows = np.resize(rows, n_needed)  # repeat rows if the store is small

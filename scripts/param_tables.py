@@ -1,9 +1,9 @@
-"""Write the README's parameter tables from the step configs and the profiles.
+"""Write the parameter tables of docs/parameters.md from the step configs and the profiles.
 
-    .venv/bin/python scripts/param_tables.py          # rewrites the section in README.md
-    .venv/bin/python scripts/param_tables.py --check  # exit 1 if README.md is out of date
+    .venv/bin/python scripts/param_tables.py          # rewrites the section in docs/parameters.md
+    .venv/bin/python scripts/param_tables.py --check  # exit 1 if docs/parameters.md is out of date
 
-The section lies between the two marker lines below; tests/test_project.py runs --check's logic.
+The section lies between the two marker lines below; tests/test_config.py runs --check's logic.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "parameters.md"  # the page whose tables this writes
 sys.path.insert(0, str(ROOT))
 
 from analysis import keys  # noqa: E402
@@ -56,23 +57,24 @@ def render() -> str:
     return "\n\n".join([BEGIN] + [step_table(s) for s in STEPS] + [END])
 
 
-def current(readme: str) -> str:
-    start, end = readme.index(BEGIN), readme.index(END) + len(END)
-    return readme[start:end]
+def current(page: str) -> str:
+    """The page's tables as they stand, marker lines included."""
+    start, end = page.index(BEGIN), page.index(END) + len(END)
+    return page[start:end]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true")
     args = p.parse_args(argv)
-    path = ROOT / "README.md"
-    readme = path.read_text()
+    text = PAGE.read_text()
     if args.check:
-        ok = current(readme) == render()
-        print("README parameter tables are " + ("up to date" if ok else "out of date: run scripts/param_tables.py"))
+        ok = current(text) == render()
+        print(f"the parameter tables of {PAGE.relative_to(ROOT)} are "
+              + ("up to date" if ok else "out of date: run scripts/param_tables.py"))
         return 0 if ok else 1
-    path.write_text(readme.replace(current(readme), render()))
-    print(f"wrote the parameter tables of {len(STEPS)} steps into {path}")
+    PAGE.write_text(text.replace(current(text), render()))
+    print(f"wrote the parameter tables of {len(STEPS)} steps into {PAGE}")
     return 0
 
 

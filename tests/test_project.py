@@ -25,10 +25,17 @@ def test_torch_pinned_to_the_local_wheels():
     assert "torch==2.14.1" in deps and "torchvision==0.29.1" in deps
 
 
+def _entry_point_modules() -> dict[str, str]:
+    """{entry point: the module its command runs}, e.g. {"train_cv": "pipelines.train_cv"}."""
+    mlproject = yaml.safe_load((ROOT / "MLproject").read_text())
+    return {name: ep["command"].split("python -m ")[1].split()[0] for name, ep in mlproject["entry_points"].items()}
+
+
 def test_every_entry_point_has_its_module():
     mlproject = yaml.safe_load((ROOT / "MLproject").read_text())
+    modules = _entry_point_modules()
     for name, ep in mlproject["entry_points"].items():
-        module = ep["command"].split("python -m ")[1].split()[0]
+        module = modules[name]
         assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), f"{name}: {module} missing"
         for param in ep.get("parameters", {}):
             assert "{" + param + "}" in ep["command"], f"{name}: parameter {param} unused"
@@ -61,6 +68,69 @@ def test_the_layer_check_sees_an_upward_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from pipelines.train_cv import run_train_cv\n    import analysis.keys\n")
     assert _project_imports(bad) == ["pipelines", "analysis"]
+
+
+def _step_modules() -> dict[str, Path]:
+    """{module: file} of the step modules: the modules of `pipelines/` that are MLproject entry points."""
+    return {m: ROOT / (m.replace(".", "/") + ".py") for m in _entry_point_modules().values()
+            if m.startswith("pipelines.")}
+
+
+def _config_classes(py: Path) -> set[str]:
+    """The dataclasses named `*Config` that the file defines."""
+    def name(d):
+        d = d.func if isinstance(d, ast.Call) else d
+        return d.attr if isinstance(d, ast.Attribute) else getattr(d, "id", None)
+    return {n.name for n in ast.walk(ast.parse(py.read_text())) if isinstance(n, ast.ClassDef)
+            and n.name.endswith("Config") and any(name(d) == "dataclass" for d in n.decorator_list)}
+
+
+def _foreign_step_imports(py: Path, module: str, steps: dict[str, Path]) -> list[str]:
+    """What the file (the module named `module`) imports from another step module besides that
+    module's config class: "pipelines.step.name", or "pipelines.step" for the whole module. Absolute
+    and relative imports, function-level ones included."""
+    package = module.split(".")[:-1]
+    found = []
+    for node in ast.walk(ast.parse(py.read_text())):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name in steps and a.name != module]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            source = ".".join(base + ([node.module] if node.module else []))
+            if source in steps and source != module:
+                allowed = _config_classes(steps[source])
+                found += [f"{source}.{a.name}" for a in node.names if a.name not in allowed]
+            else:  # `from pipelines import train_cv`: the whole step module
+                found += [f"{source}.{a.name}" for a in node.names
+                          if f"{source}.{a.name}" in steps and f"{source}.{a.name}" != module]
+    return found
+
+
+def test_steps_import_only_configs_from_other_steps():
+    """One thin module per step: what steps share lives outside them (e.g. pipelines/generator_runs.py);
+    a step (the workflow `main` too) takes nothing from another step but its `*Config` dataclass."""
+    steps = _step_modules()
+    assert len(steps) == len(_entry_point_modules())  # every entry point is a module of pipelines/
+    assert _config_classes(steps["pipelines.train_cv"]) == {"TrainCVConfig"}
+    foreign = [f"{py.relative_to(ROOT)} imports {name}" for module, py in steps.items()
+               for name in _foreign_step_imports(py, module, steps)]
+    assert not foreign, foreign
+
+
+def test_the_step_check_sees_a_step_importing_another_steps_code(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from pipelines.train_cv import TrainCVConfig, parent_params\n"
+                   "from pipelines.generator_runs import epoch_logger\n"
+                   "def f():\n"
+                   "    from pipelines import synthesize, common\n"
+                   "    import pipelines.report as report\n"
+                   "    from .evaluate import EvaluateConfig, main\n"
+                   "    from . import predict\n")
+    found = _foreign_step_imports(bad, "pipelines.bad", _step_modules())
+    assert sorted(found) == ["pipelines.evaluate.main", "pipelines.predict", "pipelines.report",
+                             "pipelines.synthesize", "pipelines.train_cv.parent_params"]
+    assert _foreign_step_imports(bad, "pipelines.train_cv", _step_modules()) == [
+        f for f in found if not f.startswith("pipelines.train_cv")]
 
 
 def test_no_file_points_out_of_the_repository():

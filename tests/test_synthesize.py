@@ -2,9 +2,7 @@
 32 px demo stores: fold isolation, the synthetic store contract, what lands in MLflow."""
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -16,18 +14,15 @@ from analysis import keys
 from data_tools.constants import ATYPICAL, NORMAL
 from data_tools.provenance import LeakageError, check_synthetic_for_fold, fold_train_ids
 from data_tools.store import REQUIRED_COLUMNS, open_store
-from pipelines.generator_finetune import check_pretraining
+from pipelines.generator_runs import check_pretraining
 from data_tools.folds import balance_count
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def mlflow_run(entry: str, tracking: str, **params) -> str:
-    """Run one entry point as a user would; returns the id of the run it made."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": tracking, "OMP_NUM_THREADS": "1"}  # tiny models: one thread is fastest
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        env.pop(var, None)
+def mlflow_run(entry: str, env: dict[str, str], **params) -> str:
+    """Run one entry point as a user would (`env`: conftest's step_env); returns the id of the run it made."""
+    tracking = env["MLFLOW_TRACKING_URI"]
     cmd = ["mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local", "--experiment-name", "test"]
     for k, v in params.items():
         cmd += ["-P", f"{k}={v}"]
@@ -41,19 +36,21 @@ def mlflow_run(entry: str, tracking: str, **params) -> str:
     return top[0].info.run_id
 
 
-def test_pretrain_finetune_synthesize_from_mlflow_run(tracking, thumb_stores, tmp_path):
+@pytest.mark.slow
+def test_pretrain_finetune_synthesize_from_mlflow_run(tracking, thumb_stores, tmp_path, step_env):
+    env = step_env(MLFLOW_EXPERIMENT_NAME=None)
     real, pool = thumb_stores
     client = MlflowClient(tracking)
     fast = dict(batch_size=16, lr=2e-3, vae_crop=0, work_dir=tmp_path / "work")
 
-    pretrain = mlflow_run(keys.GENERATOR_PRETRAIN, tracking, data=pool.path, vae_epochs=2, dit_epochs=2, **fast)
+    pretrain = mlflow_run(keys.GENERATOR_PRETRAIN, env, data=pool.path, vae_epochs=2, dit_epochs=2, **fast)
     run = client.get_run(pretrain)
     assert run.data.tags[keys.STEP] == keys.GENERATOR_PRETRAIN and run.data.tags[keys.PROFILE] == "demo"
     assert run.data.tags[keys.DATASET_DIGEST] == pool.digest
     assert len(client.get_metric_history(pretrain, keys.VAE_LOSS)) == 2
     assert {keys.VAE_DIR, keys.DIT_DIR, keys.TRAIN_IDS} <= {a.path for a in client.list_artifacts(pretrain)}
 
-    finetune = mlflow_run(keys.GENERATOR_FINETUNE, tracking, data=real.path, pretrain_run_id=pretrain, folds="1,2",
+    finetune = mlflow_run(keys.GENERATOR_FINETUNE, env, data=real.path, pretrain_run_id=pretrain, folds="1,2",
                           vae_epochs=1, dit_epochs=2, **fast)
     exp = client.get_run(finetune).info.experiment_id
     children = {int(r.data.tags[keys.FOLD]): r for r in
@@ -67,7 +64,7 @@ def test_pretrain_finetune_synthesize_from_mlflow_run(tracking, thumb_stores, tm
         assert val_ids and not val_ids & set(seen)
         assert len(client.get_metric_history(child.info.run_id, keys.DIT_LOSS)) == 2
 
-    synth = mlflow_run(keys.SYNTHESIZE, tracking, finetune_run_id=finetune, n_atypical="balance", n_normal=3,
+    synth = mlflow_run(keys.SYNTHESIZE, env, finetune_run_id=finetune, n_atypical="balance", n_normal=3,
                        sampler="ddim", steps=4, out=tmp_path / "synthetic", batch_size=16, quality_max=64)
     run = client.get_run(synth)
     params, metrics = run.data.params, run.data.metrics
