@@ -8,13 +8,12 @@ for one process; the parent process waits and then writes the summary.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from data_tools.errors import UserError
-from pipelines.common import ROOT
+from pipelines.children import THREADS_ENV, child_env, thread_share
 
 FOLD_JOB_PARENT = "MITOCLASS_FOLD_JOB_PARENT"  # set by the spawning train_cv, read by its fold jobs
 
@@ -39,21 +38,15 @@ def run_fold_jobs(params: dict[str, str], folds: list[int], jobs: int, parent_id
                   logs: Path) -> None:
     """Train `folds` in `jobs` processes under `parent_id`; raises FoldJobError naming a failed job's log."""
     groups = split_folds(folds, jobs)
-    cores = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)  # the step's share, or the machine
-    threads = max(1, cores // len(groups))
     logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, FOLD_JOB_PARENT: parent_id, "MLFLOW_EXPERIMENT_ID": experiment_id,
-           "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
-        env.pop(var, None)
+    env = child_env(experiment_id, threads=thread_share(len(groups)), **{FOLD_JOB_PARENT: parent_id})
     running = []
     for group in groups:
         log = logs / f"fold-job-{'-'.join(map(str, group))}.log"
         out = open(log, "w")
         proc = subprocess.Popen([sys.executable, "-m", "pipelines.train_cv", *job_argv(params, group)], env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
-        print(f"fold job {proc.pid}: folds {group}, {env['OMP_NUM_THREADS']} thread(s), log {log}", flush=True)
+        print(f"fold job {proc.pid}: folds {group}, {env[THREADS_ENV]} thread(s), log {log}", flush=True)
         running.append((group, proc, out, log))
     failed = []
     for group, proc, out, log in running:

@@ -7,18 +7,17 @@ interleave on the console.
 from __future__ import annotations
 
 import functools
-import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import yaml
 from mlflow.entities import Param, RunStatus
 from mlflow.tracking import MlflowClient
 
 from analysis import keys
+from pipelines.children import child_env
 from pipelines.common import ROOT, code_version
 
 LOGS_DIR = "logs"  # artifact folder of a step run: its console output
@@ -47,17 +46,15 @@ def step_command(step: str, params: dict[str, str]) -> list[str]:
 
 
 def launch(client: MlflowClient, experiment_id: str, step: str, params: dict[str, str], tags: dict[str, str],
-           log: Path) -> tuple[str, int]:
-    """Create the step's run, run the step in it with its output in `log`; returns (run id, exit code).
-    A child that died without closing its run leaves it FAILED, not RUNNING."""
+           log: Path, threads: int) -> tuple[str, int]:
+    """Create the step's run, run the step in it (`threads` threads) with its output in `log`;
+    returns (run id, exit code). A child that died without closing its run leaves it FAILED, not RUNNING."""
     run_tags = {"mlflow.source.type": "PROJECT", "mlflow.source.name": str(ROOT), "mlflow.project.entryPoint": step,
                 "mlflow.project.backend": "local", "mlflow.project.env": "local",
                 "mlflow.source.git.commit": code_version().split("-")[0], keys.STEP: step, **tags}
     run_id = client.create_run(experiment_id, tags=run_tags).info.run_id
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])  # as given, like `mlflow run`
-    env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_EXPERIMENT_ID": experiment_id,
-           "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_EXPERIMENT_NAME", None)
+    env = child_env(experiment_id, threads=threads, run_id=run_id)
     log.parent.mkdir(parents=True, exist_ok=True)
     command = step_command(step, params)
     with open(log, "w") as out:

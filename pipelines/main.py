@@ -11,7 +11,6 @@ with the step's run.
 """
 from __future__ import annotations
 
-import os
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
@@ -25,9 +24,11 @@ from analysis import keys
 from data_tools.errors import UserError
 from data_tools.params import param
 from data_tools.store import open_store
+from pipelines.children import thread_share
 from pipelines.common import cli_step, code_version, step_run
 from pipelines.config import StepConfig, build, from_cli
 from pipelines.console import Console
+from pipelines.demo_data import DEMO, demo_stores
 from pipelines.generator_pretrain import GeneratorPretrainConfig
 from pipelines.launch import LOGS_DIR, launch
 from pipelines.prepare_data import PrepareDataConfig
@@ -44,6 +45,7 @@ class Workflow:
     console: Console | None = None
     logs: Path = Path(LOGS_DIR)
     timings: dict[str, float] = field(default_factory=dict)
+    threads: int = field(default_factory=lambda: thread_share(1))  # each step's threads
 
     def finished_run(self, step: str, params: dict[str, str], data: str | None) -> str | None:
         """The newest finished run of `step` with these params, this code version and data digest."""
@@ -73,7 +75,7 @@ class Workflow:
         console.start(label, log)
         start = time.time()
         run_id, code = launch(self.client, self.experiment_id, step, params, {keys.WORKFLOW_RUN: self.parent_run_id},
-                              log)
+                              log, self.threads)
         seconds = time.time() - start
         self.timings[step] = self.timings.get(step, 0.0) + seconds
         if code != 0:
@@ -112,13 +114,6 @@ def headline(client: MlflowClient, run) -> str:
     return "finished"
 
 
-def threads_per_step(jobs: int) -> None:
-    """Steps running side by side share the cores: each gets its share of threads (tiny models
-    slow down many times over when their OpenMP threads outnumber the free cores)."""
-    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-
-
 @dataclass
 class MainConfig(StepConfig):
     data: str = param("an existing real store (skips prepare_data)")
@@ -145,22 +140,22 @@ def prepare_stores(flow: Workflow, pool: ThreadPoolExecutor, cfg: MainConfig) ->
     prep = build(PrepareDataConfig, cfg.profile, source=cfg.source, root=cfg.root)
     stores = Path(cfg.stores).resolve()
     data, test_data, gen_pool = cfg.data, cfg.test_data, cfg.pool
-    demo = prep.source == "demo"
+    demo = demo_stores(stores, prep.seed, prep.split, cfg.test_size, cfg.pool_size) if prep.source == DEMO else {}
     todo = []
     if not data:
         data = str(stores / (prep.source + ("_lodo" if prep.split == keys.LODO else "")))
         todo.append(pool.submit(flow.step, keys.PREPARE_DATA, label=f"prepare_data {Path(data).name}",
                                 source=prep.source, root=prep.root, out=data, overwrite="true"))
     if not test_data and demo:  # a held-out demo set: other seed, no CV pool
-        test_data = str(stores / "demo_test")
-        todo.append(pool.submit(flow.step, keys.PREPARE_DATA, label="prepare_data demo_test", source="demo",
-                                out=test_data, folds="0", split="group",
-                                overwrite="true", seed=str(prep.seed + 1), size=str(cfg.test_size)))
+        path, params = demo["test"]
+        test_data = str(path)
+        todo.append(pool.submit(flow.step, keys.PREPARE_DATA, label="prepare_data demo_test", out=test_data,
+                                overwrite="true", **params))
     if not gen_pool and demo:  # pretraining never sees the CV pool: a pool of its own
-        gen_pool = str(stores / "demo_pool")
-        todo.append(pool.submit(flow.step, keys.PREPARE_DATA, label="prepare_data demo_pool", source="demo",
-                                out=gen_pool, folds="0", split="group",
-                                overwrite="true", seed=str(prep.seed + 2), size=str(cfg.pool_size)))
+        path, params = demo["pool"]
+        gen_pool = str(path)
+        todo.append(pool.submit(flow.step, keys.PREPARE_DATA, label="prepare_data demo_pool", out=gen_pool,
+                                overwrite="true", **params))
     for done in todo:
         done.result()
     gen_pool = gen_pool or build(GeneratorPretrainConfig, cfg.profile).data
@@ -213,12 +208,12 @@ def main(argv: list[str] | None = None) -> str:
     cfg = from_cli(MainConfig, argv, __doc__)
     if Path(cfg.profile).is_file():  # steps run in the project folder: give them the file's absolute path
         cfg.profile = str(Path(cfg.profile).resolve())
-    threads_per_step(cfg.jobs)
     started = time.time()
     with step_run(keys.MAIN, cfg.profile, run_name=f"workflow {cfg.profile}") as run, \
             Console(planned_steps(cfg)) as console:
         logs = Path(LOGS_DIR) / f"workflow-{run.info.run_id[:8]}"
-        flow = Workflow(cfg.profile, run.info.run_id, run.info.experiment_id, console=console, logs=logs)
+        flow = Workflow(cfg.profile, run.info.run_id, run.info.experiment_id, console=console, logs=logs,
+                        threads=thread_share(cfg.jobs))  # steps side by side share the cores
         experiment = flow.client.get_experiment(run.info.experiment_id).name
         console.line(f"[main] workflow {run.info.run_id} ({console.total} steps) in experiment {experiment!r}; "
                      f"each step's output: {logs}/")

@@ -35,9 +35,12 @@ from data_tools.folds import select_folds
 from data_tools.params import param
 from data_tools.store import Store, open_store
 from models.training import train_fold
+from pipelines.children import child_env, thread_share
+from pipelines.classifier_runs import parent_params
 from pipelines.common import cli_step, log_params, log_store, step_run
 from pipelines.config import as_params, build, parser
-from pipelines.train_cv import TrainCVConfig, parent_params
+from pipelines.demo_data import open_data
+from pipelines.train_cv import TrainCVConfig
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -138,7 +141,6 @@ def work(cfg: TuneConfig, study_run_id: str) -> None:
     under way. Counting the running ones keeps workers from all starting the last trial
     (Optuna's MaxTrialsCallback counts finished trials only); two workers that check at the
     same instant can still overshoot by one."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.n_workers))  # workers share the cores
     store = open_store(cfg.data)
     study = load_study(cfg)
     while len(study.get_trials(deepcopy=False, states=(*DONE, TrialState.RUNNING))) < cfg.n_trials:
@@ -156,11 +158,11 @@ def study_run(cfg: TuneConfig) -> str:
     return found[0].info.run_id if found else ""
 
 
-def start_workers(argv: list[str], cfg: TuneConfig, run) -> list[subprocess.Popen]:
-    """n_workers - 1 more processes on this machine, with the same arguments."""
+def start_workers(argv: list[str], cfg: TuneConfig, run, threads: int) -> list[subprocess.Popen]:
+    """n_workers - 1 more processes on this machine, with the same arguments and `threads` each."""
+    env = child_env(run.info.experiment_id, threads=threads)
     return [subprocess.Popen([sys.executable, "-m", "pipelines.tune", *argv, "--worker_of", run.info.run_id,
-                              "--storage", cfg.storage, "--study_name", cfg.study_name],
-                             env={**os.environ, "MLFLOW_EXPERIMENT_ID": run.info.experiment_id})
+                              "--storage", cfg.storage, "--study_name", cfg.study_name], env=env)
             for _ in range(cfg.n_workers - 1)]
 
 
@@ -183,12 +185,14 @@ def main(argv: list[str] | None = None) -> optuna.Study:
     with (mlflow.start_run(run_id=existing) if existing else
           step_run(keys.TUNE, cfg.profile, run_name=f"tune {cfg.study_name}",
                    tags={keys.STUDY_TAG: f"{cfg.study_name}@{cfg.storage}", keys.BACKBONE: cfg.backbone})) as run:
-        store = open_store(cfg.data)
+        store = open_data(cfg.data, cfg.profile, keys.TUNE)
         if not existing:
             log_params({k: v for k, v in as_params(cfg).items() if k not in ("n_trials", "n_workers", "lr", "device")})
             log_store(store, "training")
         load_study(cfg)  # create it once before the workers race to
-        workers = start_workers(argv, cfg, run)
+        threads = thread_share(cfg.n_workers)  # the workers share the cores
+        torch.set_num_threads(threads)
+        workers = start_workers(argv, cfg, run, threads)
         work(cfg, run.info.run_id)
         failed = [w.args for w in workers if w.wait() != 0]
         if failed:
