@@ -78,6 +78,18 @@ def latest_run(client: MlflowClient, exp_ids: list[str], step: str, filter_strin
     return found[0] if found else None
 
 
+def newest_in_experiment(client: MlflowClient, step: str, experiment: str | None = None) -> Run | None:
+    """The newest finished run of `step` in the experiment (as `experiment_ids` finds it), or None,
+    also when the default experiment does not exist yet (nothing has logged to it)."""
+    try:
+        exp_ids = experiment_ids(client, experiment)
+    except RunLookupError:
+        if experiment:
+            raise
+        return None
+    return latest_run(client, exp_ids, step)
+
+
 def get_run(client: MlflowClient, run_id: str, step: str | None = None) -> Run:
     """A run by id, checked to be of `step`; RunLookupError names what is wrong."""
     try:

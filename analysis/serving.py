@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 import numpy as np
 import pandas as pd
 
@@ -131,7 +132,12 @@ def load_predictor(model: str, device: str = "auto", threshold: float | None = N
         return Predictor(ensemble, float(t), f"train_cv run {model}")
     if "://" not in model and ":/" not in model and not (Path(model) / "MLmodel").is_file():
         raise ModelError(f"{model}: not a model URI, a pyfunc model folder (no MLmodel file) or a run id")
-    pyfunc = mlflow.pyfunc.load_model(model, model_config={"device": device})
+    try:
+        pyfunc = mlflow.pyfunc.load_model(model, model_config={"device": device})
+    except MlflowException as e:
+        hint = (f"; `mlflow run . -e report` registers the submission model (after train_cv and evaluate; "
+                f"`make demo` runs the whole workflow)" if model.startswith("models:/") else "")
+        raise ModelError(f"{model}: {e.message.splitlines()[0]}{hint}") from None
     inner = pyfunc.unwrap_python_model()
     if not isinstance(inner, EnsemblePyfunc):
         raise ModelError(f"{model} is a {type(inner).__name__}, not this project's ensemble model")

@@ -7,7 +7,7 @@ fills what was not given from the profile (`pipelines/profiles.py`, the only pla
 defaults) and casts every value to the field's type. Field metadata, set with
 `data_tools.params.param` (which the library configs use too):
 
-- `help`: the --help text and the README's parameter tables;
+- `help`: the --help text and the parameter tables in docs/parameters.md;
 - `identity: False`: may differ between jobs of one experiment without changing its results
   (device, paths, the folds asked for): not in the experiment key, not logged on a shared parent;
 - `required: True`: no default, must be given;
@@ -76,7 +76,8 @@ def build(cls: type[C], profile: str = "demo", **given: Any) -> C:
         raise ValueError(f"profile {profile!r} has no default for {cls.STEP} parameter(s) {missing}")
     required = [n for n, f in fields.items() if f.metadata.get("required") and merged.get(n) in (None, "")]
     if required:
-        raise ValueError(f"{cls.STEP} needs " + " and ".join(f"--{n}" for n in required))
+        raise ValueError(f"{cls.STEP} needs " + " and ".join(f"--{n} ({fields[n].metadata['help']})"
+                                                         for n in required))
     types_ = typing.get_type_hints(cls)
     values = {n: _cast(merged[n], types_[n], f) for n, f in fields.items()}
     for n, f in fields.items():

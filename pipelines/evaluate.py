@@ -35,6 +35,7 @@ from models.metrics import METRICS, ba_optimal_threshold, bootstrap_metrics, cal
 from models.tta import TTA_MODES
 from pipelines.common import cli_step, log_params, log_store, step_run
 from pipelines.config import StepConfig, as_params, from_cli
+from pipelines.demo_data import open_data
 
 
 class OverlapError(UserError, RuntimeError):
@@ -43,8 +44,9 @@ class OverlapError(UserError, RuntimeError):
 
 @dataclass
 class EvaluateConfig(StepConfig):
-    train_run_id: str = param("train_cv parent run whose fold ensemble is evaluated", required=True)
-    test_data: str = param("test store folder", required=True)
+    train_run_id: str = param("train_cv parent run whose fold ensemble is evaluated (none given: the error names "
+                              "the newest)")
+    test_data: str = param("test store folder (demo: the held-out demo store, built where it is missing)")
     threshold: str = param("0.5 (the paper) | a number in [0, 1] | cv_ba (BA-optimal on the pooled out-of-fold "
                            "predictions) | fold_ba (each fold model at its own BA-optimal threshold, calibrated on "
                            "its out-of-fold predictions)")
@@ -139,9 +141,22 @@ def _shown(metrics: dict[str, float], name: str) -> str:
     return text + (f" [{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else "")
 
 
+def check_given(cfg: EvaluateConfig) -> None:
+    """A train_cv run and a test store are needed: a missing one is a one-line error saying what makes it."""
+    if not cfg.train_run_id:
+        newest = runs.newest_in_experiment(MlflowClient(), keys.TRAIN_CV)
+        hint = (f"the newest here is {newest.info.run_id} ({newest.info.run_name})" if newest else
+                "there is none yet: make one with `mlflow run . -e train_cv -P backbone=convnext`")
+        raise ConfigError(f"no train_run_id given: evaluate a train_cv run with -P train_run_id=<run id>; {hint}")
+    if not cfg.test_data:
+        raise ConfigError("no test_data given: a test store made by prepare_data, e.g. `mlflow run . -e prepare_data "
+                          "-P source=<source> -P root=<raw data> -P folds=0 -P out=stores/test`")
+
+
 def run_evaluate(cfg: EvaluateConfig) -> str:
     """Evaluate and log; returns the evaluate run id."""
-    test = open_store(cfg.test_data)
+    check_given(cfg)
+    test = open_data(cfg.test_data, cfg.profile, keys.EVALUATE)
     if len(test) == 0:
         raise ConfigError(f"test store {test.path} holds no crops: nothing to evaluate")
     train = runs.get_run(MlflowClient(), cfg.train_run_id, keys.TRAIN_CV)

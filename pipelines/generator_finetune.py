@@ -40,7 +40,8 @@ from pipelines.generator_runs import (check_pretraining, download_generator, epo
 @dataclass
 class GeneratorFinetuneConfig(StepConfig, FitConfig):
     data: str = param("the labelled store with CV folds", identity=False)
-    pretrain_run_id: str = param("generator_pretrain run to start from", required=True)
+    pretrain_run_id: str = param("generator_pretrain run to start from (`mlflow run . -e generator_pretrain` makes one)",
+                                  required=True)
     folds: str = param("all, or a list such as 1,3", identity=False)
     device: str = param("auto | cpu | cuda", identity=False)
     work_dir: str = param("local folder for the resumable epoch checkpoints", identity=False)

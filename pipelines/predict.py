@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         return path
     t0 = time.perf_counter()
     check_output(cfg.output)  # before any work
-    crops = load_inputs(cfg.input)
-    predictor = load_predictor(cfg.model, cfg.device, cfg.threshold)
+    crops = load_inputs(cfg.input)  # a bad input is named before the model is loaded
+    predictor = load_predictor(cfg.model, cfg.device, cfg.threshold)  # none registered yet: says which step does
     prob, cls = predictor.predict(crops.images, tta=cfg.tta, batch_size=cfg.batch_size)
     out = write_predictions(cfg.output, crops.ids, prob, cls)
     seconds = time.perf_counter() - t0

@@ -69,8 +69,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         # crop (measured: test sensitivity 0 at 0.5). Nor cv_ba: the pooled out-of-fold threshold does not transfer
         # to the fold mean, each model's own calibrated one does (measured on 4000 held-out demo crops, test BA
         # cv_ba -> fold_ba: ConvNeXt 70.7 -> 72.7, ViT 60.8 -> 64.8, specificity 60 -> 71 and 36 -> 70)
-        "evaluate": {"threshold": "fold_ba", "allow_overlap": False, "device": "auto", "n_boot": 500,
-                     "batch_size": 128, "tta": "none"},
+        "evaluate": {"train_run_id": "", "test_data": "stores/demo_test", "threshold": "fold_ba",
+                     "allow_overlap": False, "device": "auto", "n_boot": 500, "batch_size": 128, "tta": "none"},
         # tune's trials are train_cv configs: this section overrides train_cv's values (a cheap subset of folds
         # and epochs) and adds the search's own
         "tune": {"n_trials": 4, "n_workers": 1, "storage": "optuna/journal.log", "study_name": "", "lr_min": 1e-4,
@@ -101,8 +101,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                      "lr": None, "seed": 42, "restart_epochs": 5, "pretrained": "hub", "device": "auto",
                      # five folds side by side: one fold of ConvNeXt-S at 128 px, batch 16, leaves a GPU mostly idle
                      "workroot": ".train_cv_work", "augment": "paper", "fold_jobs": 5, **_RECIPE},
-        "evaluate": {"threshold": "0.5", "allow_overlap": False, "device": "auto", "n_boot": 2000, "batch_size": 128,
-                     "tta": "none"},
+        "evaluate": {"train_run_id": "", "test_data": "", "threshold": "0.5", "allow_overlap": False, "device": "auto",
+                     "n_boot": 2000, "batch_size": 128, "tta": "none"},
         "tune": {"n_trials": 20, "n_workers": 1, "storage": "optuna/journal.log", "study_name": "", "lr_min": 1e-6,
                  "lr_max": 1e-3, "folds": "all", "epochs": 10},
         "report": {**_REPORT, "n_boot": 2000},

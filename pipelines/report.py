@@ -20,8 +20,8 @@ from mlflow.tracking import MlflowClient
 
 from analysis import keys
 from analysis.plots import plot_calibration, plot_domain_gap, plot_fold_aurocs, plot_rocs
-from analysis.queries import EvalRun, TrainRow, eval_runs, oof_or_reason, train_rows
-from analysis.runs import experiment_ids, read_csv_artifact
+from analysis.queries import EvalRun, ReportDataError, TrainRow, eval_runs, oof_or_reason, train_rows
+from analysis.runs import experiment_ids, newest_in_experiment, read_csv_artifact
 from analysis.stats import compare_regimes
 from analysis.submission import CRITERIA, SelectionError, log_ensemble_model, select_row
 from analysis.tables import (comparison_table, domain_table, group_label, label, table1, table2, table2_domains, to_markdown,
@@ -278,6 +278,16 @@ class ReportConfig(StepConfig):
 CONFIG = ReportConfig
 
 
+def nothing_to_report_yet(experiment: str | None, run_ids: list[str] | None) -> None:
+    """Before a report run is made: an experiment without any train_cv run (or none at all) is a
+    one-line error naming the command that makes one."""
+    if not run_ids and newest_in_experiment(MlflowClient(), keys.TRAIN_CV, experiment) is None:
+        where = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_EXPERIMENT_ID", "")
+        raise ReportDataError(f"no finished train_cv run in experiment {where!r} yet: train a row with "
+                              f"`mlflow run . -e train_cv -P backbone=convnext` (and evaluate it), or run the whole "
+                              f"workflow with `make demo`")
+
+
 @cli_step(keys.REPORT)
 def main(argv: list[str] | None = None) -> dict:
     cfg = from_cli(ReportConfig, argv, __doc__)
@@ -286,6 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
         experiment_id = experiment_ids(MlflowClient(), cfg.experiment)[0]
         if not os.environ.get("MLFLOW_RUN_ID"):  # the report run lives with the runs it reports
             mlflow.set_experiment(experiment_id=experiment_id)
+    nothing_to_report_yet(cfg.experiment or None, run_ids)
     with step_run(keys.REPORT, cfg.profile, run_name="report"), tempfile.TemporaryDirectory() as tmp:
         log_params(as_params(cfg))
         summary = build_report(Path(tmp), cfg.experiment or None, cfg.test_set or None, cfg.select_by, run_ids,

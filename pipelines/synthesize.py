@@ -50,7 +50,8 @@ def synthetic_index(labels: np.ndarray, run_id: str, k: int, seeds: np.ndarray, 
 
 @dataclass
 class SynthConfig(StepConfig):
-    finetune_run_id: str = param("generator_finetune run (its fold runs are used)", required=True)
+    finetune_run_id: str = param("generator_finetune run (its fold runs are used; `mlflow run . -e "
+                                  "generator_finetune -P pretrain_run_id=<id>` makes one)", required=True)
     n_atypical: str = param("atypical crops per fold: a number, or balance (the training split's normal - atypical)")
     n_normal: int = param("normal crops per fold (the paper kept none)")
     sampler: str = param(" | ".join(SAMPLERS), choices=SAMPLERS)

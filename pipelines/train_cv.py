@@ -15,6 +15,7 @@ key (a fresh `mlflow run`) logs it again without training.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 from mlflow.entities import Metric, RunTag
@@ -29,14 +31,17 @@ from mlflow.tracking import MlflowClient
 
 from analysis import keys, runs
 from data_tools.errors import ConfigError
-from data_tools.folds import fold_domains, select_folds
+from data_tools.folds import select_folds
+from data_tools.provenance import check_synthetic_for_fold
 from data_tools.params import param
 from data_tools.store import Store, open_store
 from models.metrics import mean_and_population_sd
 from models.training import FoldResult, TrainConfig, train_fold
 from pipelines.common import (cli_step, code_version, log_params, log_store, mark_training_experiment, shared_write,
                               step_description)
+from pipelines.classifier_runs import parent_params
 from pipelines.config import StepConfig, as_params, from_cli, identity
+from pipelines.demo_data import open_data
 from pipelines.fold_jobs import FOLD_JOB_PARENT, run_fold_jobs
 from pipelines.joining import open_parent
 
@@ -62,9 +67,8 @@ def run_name(cfg: TrainCVConfig) -> str:
 
 
 def synthetic_stores(cfg: TrainCVConfig, real: Store, folds: list[int]) -> dict[int, Store]:
-    """Fold k's synthetic store from the `synthesize` run, checked against fold k before any training."""
-    from data_tools.provenance import check_synthetic_for_fold
-
+    """Fold k's synthetic store from the `synthesize` run, checked against fold k before any training
+    (the one check: train_fold trusts the stores it is given)."""
     if cfg.regime == keys.REAL_ONLY:
         if cfg.synth_run_id:
             raise ConfigError("synth_run_id is only used with regime=synth_balanced")
@@ -82,27 +86,6 @@ def synthetic_stores(cfg: TrainCVConfig, real: Store, folds: list[int]) -> dict[
         stores[k] = open_store(path)
         check_synthetic_for_fold(stores[k], real, k)
     return stores
-
-
-def split_params(store: Store) -> dict[str, str]:
-    """How the store's folds were made; for leave-one-domain-out, the domain each fold holds out."""
-    split = store.manifest.get("split") or {}
-    domains = fold_domains(split)
-    if not domains:
-        return {keys.P_SPLIT: "group"}
-    return {keys.P_SPLIT: keys.LODO, keys.P_SPLIT_BY: str(split.get("split_by", "")),
-            **{keys.fold_domain_param(k): name for k, name in domains.items()}}
-
-
-def parent_params(cfg: TrainCVConfig, store: Store) -> dict[str, str]:
-    """The identity fields, with what they resolved to (lr, architecture, input size, data digest,
-    the split). Tune's trial runs log the same."""
-    spec = cfg.spec()
-    n_params, n_trainable = cfg.parameter_counts()
-    return {**as_params(cfg, identity_only=True), keys.P_LR: str(cfg.learning_rate()),
-            keys.P_TIMM_NAME: spec.timm_name, keys.P_INPUT_SIZE: str(spec.input_size),
-            keys.P_N_PARAMS: str(n_params), keys.P_N_TRAINABLE_PARAMS: str(n_trainable),
-            keys.P_DATA_DIGEST: store.digest, **split_params(store)}
 
 
 def experiment_key(cfg: TrainCVConfig, store: Store) -> str:
@@ -184,49 +167,77 @@ def train_folds(cfg: TrainCVConfig, store: Store, folds: list[int], synthetic: d
               f"{summary[keys.CV_AUROC_MEAN]:.4f} +- {summary[keys.CV_AUROC_STD]:.4f}", flush=True)
 
 
-def run_train_cv(cfg: TrainCVConfig) -> str:
-    """Resolve the data, open the parent, train each fold (`fold_jobs` at a time), summarise;
-    returns the parent's id."""
-    store = open_store(cfg.data)
-    folds = select_folds(cfg.folds, store.folds)
+def note_random_backbone(cfg: TrainCVConfig) -> None:
     if cfg.finetune != "full" and cfg.pretrained in ("", "none"):
         print(f"note: finetune={cfg.finetune} on a randomly initialised {cfg.backbone}: the frozen backbone's "
               f"features are random, so expect results near chance (measured on the demo ViT with LoRA: CV AUROC "
               f"0.49); LoRA and linear probing adapt pretrained weights (pretrained=hub or a weights file)",
               flush=True)
-    synthetic = synthetic_stores(cfg, store, folds)  # refuses leaking stores before anything runs
-    key = experiment_key(cfg, store)
+
+
+@dataclass
+class Parent:
+    run_id: str
+    owned: bool  # False in a fold job: the spawning train_cv owns the parent, this process adds fold runs only
+    scope: str = ""  # the folds the parent stands for (its `folds` param)
+
+
+def find_parent(cfg: TrainCVConfig, store: Store, folds: list[int], key: str) -> Parent:
+    """The parent run of these folds, and the one place that reads the environment for it: a fold
+    job gets its spawner's (FOLD_JOB_PARENT); under `mlflow run` it is the run MLflow made
+    (MLFLOW_RUN_ID; it stands for the folds asked for); otherwise the parent with this experiment
+    key, found or created (pipelines.joining; it stands for every fold: other jobs join it)."""
     job_of = os.environ.pop(FOLD_JOB_PARENT, None)
-    if job_of:  # one of the parent's fold jobs: fold runs under it, the parent itself is the spawner's
-        train_folds(cfg, store, folds, synthetic, job_of, key)
-        return job_of
-    # the parent's scope: under `mlflow run` the folds asked for, else every fold (other jobs join it)
-    scope = ",".join(map(str, folds if os.environ.get("MLFLOW_RUN_ID") else store.folds))
-    parent_id = open_parent(keys.TRAIN_CV_KEY, key, run_name(cfg), {keys.STEP: keys.TRAIN_CV})
+    if job_of:
+        return Parent(job_of, owned=False)
+    scope = folds if os.environ.get("MLFLOW_RUN_ID") else store.folds
+    return Parent(open_parent(keys.TRAIN_CV_KEY, key, run_name(cfg), {keys.STEP: keys.TRAIN_CV}), owned=True,
+                  scope=",".join(map(str, scope)))
+
+
+@contextlib.contextmanager
+def parent_run(cfg: TrainCVConfig, store: Store, parent: Parent, key: str) -> Iterator[mlflow.ActiveRun]:
+    """The parent as the active run, with its tags, params (a joined parent keeps its scope) and data."""
     client = MlflowClient()
     params = parent_params(cfg, store)
-    if keys.P_FOLDS not in client.get_run(parent_id).data.params:  # a joined parent keeps its scope
-        params[keys.P_FOLDS] = scope
-    nested = mlflow.active_run() is not None and mlflow.active_run().info.run_id != parent_id
+    if keys.P_FOLDS not in client.get_run(parent.run_id).data.params:
+        params[keys.P_FOLDS] = parent.scope
+    nested = mlflow.active_run() is not None and mlflow.active_run().info.run_id != parent.run_id
     tags = {keys.STEP: keys.TRAIN_CV, keys.PROFILE: cfg.profile, keys.CODE_VERSION: code_version(),
             keys.BACKBONE: cfg.backbone, keys.REGIME: cfg.regime, keys.TRAIN_CV_KEY: key,
             keys.DATA_PATH: str(Path(cfg.data).resolve()), "mlflow.runName": run_name(cfg),
             keys.DESCRIPTION: step_description(keys.TRAIN_CV, cfg.profile)}
-    with mlflow.start_run(run_id=parent_id, nested=nested) as parent:
+    with mlflow.start_run(run_id=parent.run_id, nested=nested) as run:
         shared_write(lambda: mlflow.set_tags(tags))
-        mark_training_experiment(parent.info.experiment_id)
+        mark_training_experiment(run.info.experiment_id)
         log_params(params)
-        if client.get_run(parent_id).data.tags.get(keys.DATASET_DIGEST) != store.digest:
+        if client.get_run(parent.run_id).data.tags.get(keys.DATASET_DIGEST) != store.digest:
             log_store(store, "training")
-        todo = [k for k in folds if not any(r.info.status == runs.FINISHED
-                                            for r in runs.fold_attempts(client, parent_id).get(k, []))]
+        yield run
+
+
+def run_train_cv(cfg: TrainCVConfig) -> str:
+    """config -> parent -> folds (`fold_jobs` at a time) -> summary; returns the parent's id."""
+    store = open_data(cfg.data, cfg.profile, keys.TRAIN_CV)
+    folds = select_folds(cfg.folds, store.folds)
+    note_random_backbone(cfg)
+    synthetic = synthetic_stores(cfg, store, folds)  # refuses leaking stores before anything runs
+    key = experiment_key(cfg, store)
+    parent = find_parent(cfg, store, folds, key)
+    if not parent.owned:
+        train_folds(cfg, store, folds, synthetic, parent.run_id, key)
+        return parent.run_id
+    with parent_run(cfg, store, parent, key) as run:
+        client = MlflowClient()
+        finished = runs.fold_runs(client, parent.run_id)
+        todo = [k for k in folds if k not in finished]
         if cfg.fold_jobs > 1 and len(todo) > 1:
-            run_fold_jobs(as_params(cfg), todo, cfg.fold_jobs, parent_id, parent.info.experiment_id,
+            run_fold_jobs(as_params(cfg), todo, cfg.fold_jobs, parent.run_id, run.info.experiment_id,
                           Path(cfg.workroot) / key)
         else:
-            train_folds(cfg, store, folds, synthetic, parent_id, key)
-        update_summary(client, parent_id)
-    return parent_id
+            train_folds(cfg, store, folds, synthetic, parent.run_id, key)
+        update_summary(client, parent.run_id)
+    return parent.run_id
 
 
 @cli_step(keys.TRAIN_CV)

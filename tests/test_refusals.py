@@ -212,7 +212,8 @@ def test_a_kill_during_a_replacement_leaves_the_old_or_the_new_store_never_none(
     assert old.digest != open_store(out).digest
 
 
-def test_a_killed_ingest_leaves_a_failed_run_and_its_leftovers_are_removed_at_the_next_start(tmp_path, tracking):
+@pytest.mark.slow
+def test_a_killed_ingest_leaves_a_failed_run_and_its_leftovers_are_removed_at_the_next_start(tmp_path, tracking, step_env):
     import signal
     import subprocess
     import sys
@@ -220,7 +221,7 @@ def test_a_killed_ingest_leaves_a_failed_run_and_its_leftovers_are_removed_at_th
     from mlflow.tracking import MlflowClient
     from conftest import ROOT
     out = tmp_path / "s"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "MLFLOW_EXPERIMENT_NAME": "test"}
+    env = step_env(MLFLOW_EXPERIMENT_NAME="test")
     for sig in (signal.SIGTERM, signal.SIGKILL):
         job = subprocess.Popen([sys.executable, "-m", "pipelines.prepare_data", *_demo_args(out, "--size", "4000")],
                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -239,12 +240,13 @@ def test_a_killed_ingest_leaves_a_failed_run_and_its_leftovers_are_removed_at_th
     assert not list(tmp_path.glob(".s.*")) and len(open_store(out)) == 60
 
 
-def test_user_errors_end_in_one_line_and_debug_shows_the_traceback(tmp_path, tracking, monkeypatch):
+@pytest.mark.slow
+def test_user_errors_end_in_one_line_and_debug_shows_the_traceback(tmp_path, tracking, monkeypatch, step_env):
     import subprocess
     import sys
     from conftest import ROOT
     cmd = [sys.executable, "-m", "pipelines.evaluate", "--train_run_id", "0" * 32, "--test_data", str(tmp_path / "none")]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
+    env = step_env()
     quiet = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert quiet.returncode == 1 and "Traceback" not in quiet.stderr
     assert quiet.stderr.strip().splitlines()[-1].startswith("evaluate: ") and "none" in quiet.stderr
@@ -273,3 +275,23 @@ def test_skips_that_empty_a_class_are_named_in_the_fold_error_and_skipped_csv_is
     assert run.info.status == "FAILED"
     skipped = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="skipped.csv"))
     assert skipped["item"].str.endswith("Atypcal").tolist() == [True]
+
+
+def test_steps_with_nothing_to_work_on_yet_name_the_command_that_makes_it(tmp_path, tracking):
+    """A fresh clone: nothing trained, nothing registered. Each step says in one line what makes its input."""
+    from pipelines import evaluate, report
+    with pytest.raises(SystemExit, match=r"^report: no finished train_cv run in experiment .* yet: .*"
+                                         r"`mlflow run \. -e train_cv"):
+        report.main([])
+    with pytest.raises(SystemExit, match=r"^evaluate: no train_run_id given: .* there is none yet: make one with "
+                                         r"`mlflow run \. -e train_cv"):
+        evaluate.main([])
+    with pytest.raises(SystemExit, match=r"^evaluate: no test_data given: .*`mlflow run \. -e prepare_data"):
+        evaluate.main(["--profile", "paper", "--train_run_id", "0" * 32])
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    Image.fromarray(np.zeros((128, 128, 3), np.uint8)).save(crops / "a.png")
+    with pytest.raises(SystemExit, match=r"^predict: models:/atypical-mitosis-classifier@submission: .*"
+                                         r"`mlflow run \. -e report` registers the submission model"):
+        predict.main(["--input", str(crops), "--output", str(tmp_path / "out.json")])
+    assert not (tmp_path / "out.json").exists() and not mlflow.search_runs(search_all_experiments=True).shape[0]

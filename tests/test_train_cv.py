@@ -2,6 +2,7 @@
 refusals, synthetic balancing, `mlflow run`, and a short run on real AMi-Br crops."""
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,21 +22,16 @@ from conftest import shared_data
 from data_tools.demo import make_demo
 from data_tools.folds import assign_folds, balance_count
 from data_tools.provenance import LeakageError, fold_train_ids, synthetic_provenance
-from data_tools.store import write_store
+from data_tools.ingest import ingest
+from data_tools.store import StoreError, open_store, write_store
 from models.backbones import resolve_backbone
 from models.training import fold_pools, train_fold
 from pipelines.config import build
+from pipelines.prepare_data import PrepareDataConfig
 from pipelines.train_cv import TrainCVConfig, run_train_cv
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLD_KEYS = (keys.TRAIN_LOSS, keys.VAL_LOSS, keys.VAL_AUROC, keys.VAL_BA, keys.LR)
-
-
-def _env(**extra) -> dict:
-    """The subprocess environment: this test's tracking store, one torch thread like the tests'
-    own process (conftest), and not the experiment id that set_experiment("test") exported."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}
-    return {**env, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{env['PATH']}", **extra}
 
 
 def _cfg(store, **kw) -> TrainCVConfig:
@@ -62,6 +58,7 @@ def _assert_fold_run_contract(client, child, epochs):
     assert ckpt == {f"{keys.CHECKPOINT_DIR}/model.safetensors", f"{keys.CHECKPOINT_DIR}/config.json"}
 
 
+@pytest.mark.slow
 def test_training_learns_well_above_chance(demo_store, tmp_path):
     cfg = build(TrainCVConfig, "demo", epochs=5, batch_size=16, seed=0, augment="flips")
     result = train_fold(cfg, demo_store, 2, None, tmp_path)
@@ -70,6 +67,7 @@ def test_training_learns_well_above_chance(demo_store, tmp_path):
     assert list(preds.columns[:3]) == ["sample_id", "label", "prob"] and len(preds) == result.n_val
 
 
+@pytest.mark.slow
 def test_mlflow_contract_parent_and_five_fold_runs(demo_store, tracking):
     parent_id = run_train_cv(_cfg(demo_store, folds="all"))
     client = MlflowClient()
@@ -101,6 +99,7 @@ def test_mlflow_contract_parent_and_five_fold_runs(demo_store, tracking):
     assert len(_children(client, parent_id)) == 5
 
 
+@pytest.mark.slow
 def test_same_seed_same_run(demo_store, tmp_path):
     cfg = build(TrainCVConfig, "demo", epochs=1, batch_size=32, seed=3, augment="paper")
     a = train_fold(cfg, demo_store, 4, None, tmp_path / "a")
@@ -113,10 +112,11 @@ def _fold_curve(client, run_id):
     return {m.step: m.value for m in client.get_metric_history(run_id, keys.VAL_AUROC)}
 
 
-def test_resume_after_sigkill_ends_like_an_uninterrupted_run(demo_store, tracking, tmp_path):
+@pytest.mark.slow
+def test_resume_after_sigkill_ends_like_an_uninterrupted_run(demo_store, tracking, tmp_path, step_env):
     args = ["--data", str(demo_store.path), "--folds", "3", "--epochs", "3", "--batch_size", "32", "--seed", "1",
             "--augment", "paper", "--workroot", str(tmp_path / "work")]
-    env = _env(MLFLOW_EXPERIMENT_NAME="killed")  # one thread, as in-process: the same numerics
+    env = step_env(MLFLOW_EXPERIMENT_NAME="killed")  # one thread, as in-process: the same numerics
     job = subprocess.Popen([sys.executable, "-m", "pipelines.train_cv", *args], env=env, cwd=ROOT,
                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "job.err", "w"))
     deadline = time.time() + 300
@@ -187,6 +187,7 @@ def test_leaking_or_foreign_synthetic_stores_are_refused(demo_store, tracking, t
         run_train_cv(_cfg(demo_store, regime=keys.SYNTH_BALANCED))
 
 
+@pytest.mark.slow
 def test_synth_balanced_adds_fold_k_synthetic_atypical_crops(demo_store, tracking, tmp_path):
     k = 2
     good = _synthetic_store(tmp_path / "good", demo_store, k, fold_train_ids(demo_store, k), n=30)
@@ -213,17 +214,38 @@ def test_synthetic_count_balances_the_fold_or_follows_n_synthetic(demo_store, tm
         assert len(val) == len(demo_store.fold_rows(k)[1])
 
 
-def test_mlflow_run_from_the_command_line(demo_store, tracking, tmp_path):
-    env = _env()
-    out = subprocess.run(["mlflow", "run", str(ROOT), "-e", "train_cv", "--env-manager", "local",
-                          "--experiment-name", "cli", "-P", f"data={demo_store.path}", "-P", "folds=1,2",
-                          "-P", "epochs=1", "-P", "backbone=lunit", "-P", f"workroot={tmp_path / 'w'}"],
-                         env=env, capture_output=True, text=True, timeout=300)
+def _empty_clone(dst: Path) -> Path:
+    """The project's files as a fresh clone has them (tracked and new, not ignored): no stores, no runs."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dst / name)
+    return dst
+
+
+@pytest.mark.slow
+def test_the_known_command_works_in_an_empty_clone(tracking, tmp_path, step_env):
+    """`mlflow run . -e train_cv -P backbone=lunit` on a fresh clone: no data given, so the demo store is
+    built first (said in one line, the same crops as make demo's), then the folds train on it."""
+    clone = _empty_clone(tmp_path / "clone")
+    assert not (clone / "stores").exists()
+    out = subprocess.run(["mlflow", "run", ".", "-e", "train_cv", "-P", "backbone=lunit", "--env-manager", "local",
+                          "--experiment-name", "cli", "-P", "folds=1,2", "-P", "epochs=1"],
+                         cwd=clone, env=step_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    said = [line for line in (out.stdout + out.stderr).splitlines() if "building the embedded demo store" in line]
+    assert len(said) == 1 and "stores/demo" in said[0], said
+    built = open_store(clone / "stores" / "demo")
+    prep = build(PrepareDataConfig, "demo")
+    again, _ = ingest("demo", None, tmp_path / "again", folds=prep.folds, seed=prep.seed, size=prep.size)
+    assert built.digest == again.digest  # deterministic: what make demo's prepare_data builds
     client = MlflowClient()
     [parent] = [r for r in client.search_runs([client.get_experiment_by_name("cli").experiment_id], "")
                 if keys.FOLD not in r.data.tags]
     assert parent.info.status == "FINISHED" and parent.data.params[keys.P_FOLDS] == "1,2"
+    assert parent.data.params[keys.P_DATA_DIGEST] == built.digest
     demo_vit = resolve_backbone("lunit", "demo")
     assert parent.data.params[keys.P_TIMM_NAME] == demo_vit.timm_name
     assert parent.data.params[keys.P_INPUT_SIZE] == str(demo_vit.input_size)
@@ -231,6 +253,13 @@ def test_mlflow_run_from_the_command_line(demo_store, tracking, tmp_path):
     assert keys.CV_AUROC_MEAN in parent.data.metrics
 
 
+def test_a_missing_store_that_is_not_the_demos_names_the_command_that_makes_it(tracking, tmp_path):
+    with pytest.raises(StoreError, match="mlflow run . -e prepare_data .* -P out=.*elsewhere"):
+        run_train_cv(build(TrainCVConfig, "demo", data=str(tmp_path / "elsewhere"), workroot=".work"))
+    assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.slow
 def test_real_amibr_subset_trains_and_logs_every_key(tracking, tmp_path):
     root = shared_data("amibr")
     table = pd.read_csv(root / "amibr_train_split.csv")
@@ -254,6 +283,7 @@ def test_real_amibr_subset_trains_and_logs_every_key(tracking, tmp_path):
     assert 0.0 <= m[keys.CV_AUROC_MEAN] <= 1.0
 
 
+@pytest.mark.slow
 def test_fold_jobs_train_side_by_side_under_one_parent_with_the_same_results(tracking, tmp_path):
     """fold_jobs=2: two processes (one core each here) train folds 1 and 2 as fold runs of the one parent;
     every fold ends exactly as it does trained in this process, one after the other."""
