@@ -1,6 +1,10 @@
 """Shared fixtures: a private MLflow tracking store per test, demo stores, the real data path."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -16,6 +20,57 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data not present at {path}")
     return path
+
+
+# git is the one process a fast test may start: code_version() and MLflow's run context read the commit
+ALLOWED_IN_FAST_TIER = {"git"}
+
+
+@pytest.fixture(autouse=True)
+def fast_tier_starts_no_process(request, monkeypatch):
+    """The fast tier (`-m "not slow"`) is for the edit-test loop: a test in it that starts a
+    process (a step, a server, a browser, a worker) fails, naming the command; mark it `slow`."""
+    if "slow" in request.keywords:
+        return
+    test = request.node.nodeid
+
+    def refuse(what: str):
+        pytest.fail(f"{test} is in the fast tier but starts a process ({what}): mark it @pytest.mark.slow",
+                    pytrace=False)
+
+    real_init = subprocess.Popen.__init__
+
+    def popen(self, args, *a, **kw):
+        argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+        if Path(str(argv[0]).split()[0]).name not in ALLOWED_IN_FAST_TIER:
+            refuse(" ".join(map(str, argv))[:200])
+        real_init(self, args, *a, **kw)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", popen)
+    for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system"):
+        if hasattr(os, name):
+            monkeypatch.setattr(os, name, lambda *a, _name=name, **kw: refuse(f"os.{_name}"))
+
+
+@pytest.fixture(scope="session")
+def step_env():
+    """The environment of a step (or server) that a test starts as a process, built in one place:
+    the test's tracking store (as the `tracking` fixture set it; read at the call), no run or experiment id of the
+    test's own, one torch thread (tiny models), unbuffered output, this project importable, and the
+    venv's bin first on PATH (`mlflow run` and the scoring server exec `python`/`uvicorn` from it).
+    Call it with the variables a test adds (a value None removes the variable)."""
+    def build(**extra: str | None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+        env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        for key, value in extra.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
+        return env
+    return build
 
 
 @pytest.fixture(autouse=True)
@@ -39,9 +94,19 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session")
+def empty_tracking_db(tmp_path_factory) -> Path:
+    """An sqlite tracking store with MLflow's tables made once (1.5 s of migrations); each test copies it."""
+    path = tmp_path_factory.mktemp("tracking_template") / "mlflow.db"
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    SqlAlchemyStore(f"sqlite:///{path}", str(path.parent / "mlruns")).engine.dispose()
+    return path
+
+
 @pytest.fixture
-def tracking(tmp_path, monkeypatch):
+def tracking(tmp_path, monkeypatch, empty_tracking_db):
     """A fresh sqlite tracking store + artifact root for one test; yields the URI."""
+    shutil.copyfile(empty_tracking_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)

@@ -6,18 +6,20 @@ generator_finetune on its run (fold 1), each step's `main` as its command line r
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from analysis import keys
 from pipelines import generator_finetune, generator_pretrain
+
+pytestmark = pytest.mark.slow  # accelerate launch starts two training processes
 
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 # 2 epochs per stage (fine-tuning: the DiT only, as in the demo), 6 (pool) and 8 (fold 1) batches of 8
@@ -63,14 +65,14 @@ def _fold_run(client: MlflowClient, parent: str) -> str:
     return fold.info.run_id
 
 
-def test_two_processes_train_what_one_does_and_only_the_main_one_logs(thumb_stores, tracking, tmp_path):
+def test_two_processes_train_what_one_does_and_only_the_main_one_logs(thumb_stores, tracking, tmp_path, step_env):
     real, pool = thumb_stores
     client = MlflowClient()
     one = run_steps(str(pool.path), str(real.path), str(tmp_path / "one"))
     experiment = client.get_run(one[0]).info.experiment_id
     before = {r.info.run_id for r in client.search_runs([experiment])}
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": tracking, "MLFLOW_EXPERIMENT_NAME": "test"}
+    env = step_env(MLFLOW_EXPERIMENT_NAME="test")
     start = time.time()
     done = subprocess.run([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",

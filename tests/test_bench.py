@@ -4,10 +4,13 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
+@pytest.mark.slow
 def test_bench_gpu_quick_prints_rates_and_projections(tmp_path, capsys):
     import bench_gpu
     figures = bench_gpu.main(["--quick", "--device", "cpu", "--json", str(tmp_path / "bench.json")])

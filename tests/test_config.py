@@ -109,10 +109,10 @@ def test_tune_trials_are_train_cvs_config_with_only_lr_changed(tmp_path):
     assert (trial.augment, trial.pretrained, trial.restart_epochs) == ("paper", "/weights.safetensors", 3)
 
 
-def test_readme_parameter_tables_are_generated_from_the_configs():
+def test_docs_parameters_md_tables_are_generated_from_the_configs():
     import param_tables
-    assert param_tables.current((ROOT / "README.md").read_text()) == param_tables.render(), \
-        "README.md is out of date: run python scripts/param_tables.py"
+    assert param_tables.current((ROOT / "docs" / "parameters.md").read_text()) == param_tables.render(), \
+        "docs/parameters.md is out of date: run python scripts/param_tables.py"
 
 
 def test_report_register_maybe_is_an_error_naming_the_words(capsys):

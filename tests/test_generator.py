@@ -82,6 +82,7 @@ def test_shards_of_a_batch_draw_what_the_batch_draws_and_average_to_its_loss():
             torch.testing.assert_close(shards.mean(), loss(draws(), slice(None)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_losses_fall_and_the_latent_scale_is_measured(trained, thumb_stores):
     pre, fine, logs, train_images = trained
     for log, stage_keys in ((logs["pre"], ("vae_loss", "dit_loss")), (logs["fine"], ("dit_loss",))):
@@ -97,6 +98,7 @@ def test_losses_fall_and_the_latent_scale_is_measured(trained, thumb_stores):
     assert fine.meta["conditional"] and not pre.meta["conditional"]
 
 
+@pytest.mark.slow
 def test_guidance_combines_conditional_and_null_predictions(trained):
     _, fine, _, _ = trained
     x, t = torch.randn(4, 4, 4, 4), torch.tensor(300)
@@ -113,6 +115,7 @@ def test_guidance_combines_conditional_and_null_predictions(trained):
                                    rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler,steps", [("ddpm", 50), ("ddim", 8), ("dpmsolver++", 6)])
 def test_samplers_give_crops_of_the_right_shape_and_range(trained, sampler, steps):
     _, fine, _, _ = trained
@@ -130,6 +133,7 @@ def test_every_sampler_is_tested():
     assert set(SAMPLERS) == {"ddpm", "ddim", "dpmsolver++"}
 
 
+@pytest.mark.slow
 def test_training_resumes_after_a_kill_where_it_stopped(thumb_stores, tmp_path):
     _, pool = thumb_stores
     images = pool.images[:32]
@@ -152,6 +156,7 @@ def test_training_resumes_after_a_kill_where_it_stopped(thumb_stores, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_generator_round_trips_through_disk(trained, tmp_path):
     _, fine, _, _ = trained
     fine.save(tmp_path / "gen")

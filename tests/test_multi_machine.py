@@ -3,7 +3,6 @@ processes log to, Optuna's database storage shared by workers, and folds of one 
 started as separate jobs that join one parent run."""
 import base64
 import json
-import os
 import secrets
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from mlflow.tracking import MlflowClient
 from analysis import keys
 from data_tools.ingest import ingest
 from services import mlflow_server, postgres_server
+
+pytestmark = pytest.mark.slow  # fold jobs and tune workers as processes, PostgreSQL and an MLflow server
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +46,8 @@ def _check_joined_parent(client, experiment_id):
     assert m[keys.CV_AUROC_STD] == pytest.approx(np.std(per_fold))  # population SD
 
 
-def test_two_fold_jobs_join_one_parent(tracking, tiny_store):
-    env = {**os.environ, "MLFLOW_EXPERIMENT_NAME": "folds"}
-    env.pop("MLFLOW_EXPERIMENT_ID", None)
+def test_two_fold_jobs_join_one_parent(tracking, tiny_store, step_env):
+    env = step_env(MLFLOW_EXPERIMENT_NAME="folds")
     MlflowClient().create_experiment("folds")  # once, before the jobs (concurrent creation races in MLflow)
     jobs = [_train_fold_job(tiny_store, k, env) for k in (1, 2)]
     for job in jobs:
@@ -71,8 +71,8 @@ def _status(url, headers=None, body=None):
 ADMIN_PASSWORD, USER_PASSWORD = "admin-" + secrets.token_hex(8), "cluster-" + secrets.token_hex(8)
 
 
-def test_postgres_backs_a_shared_study_and_the_tracking_server(tmp_path, tiny_store, monkeypatch):
-    """The README's recipe: basic-auth server on PostgreSQL, reached by a host name that
+def test_postgres_backs_a_shared_study_and_the_tracking_server(tmp_path, tiny_store, monkeypatch, step_env):
+    """The recipe of docs/scaling.md: basic-auth server on PostgreSQL, reached by a host name that
     --allowed-hosts lists, jobs logging as a user the admin created."""
     with postgres_server() as pg, mlflow_server(
             f"{pg}/mlflow", tmp_path / "artifacts", host_name="localhost",
@@ -83,15 +83,14 @@ def test_postgres_backs_a_shared_study_and_the_tracking_server(tmp_path, tiny_st
         basic = "Basic " + base64.b64encode(f"admin:{ADMIN_PASSWORD}".encode()).decode()
         assert _status(search, {"Authorization": basic}) == 200
         assert _status(search, {"Authorization": basic, "Host": "evil.example"}) == 403  # not in --allowed-hosts
-        # the README's curl: the admin creates the user the jobs log as
+        # docs/scaling.md's curl: the admin creates the user the jobs log as
         assert _status(url + "/api/2.0/mlflow/users/create", {"Authorization": basic},
                        {"username": "cluster", "password": USER_PASSWORD}) == 200
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "cluster")
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", USER_PASSWORD)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         monkeypatch.chdir(tmp_path)
-        env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_EXPERIMENT_NAME": "cluster"}
-        env.pop("MLFLOW_EXPERIMENT_ID", None)
+        env = step_env(MLFLOW_TRACKING_URI=url, MLFLOW_EXPERIMENT_NAME="cluster")
         MlflowClient(url).create_experiment("cluster")  # once, before the jobs (concurrent creation races)
         # folds 1 and 2 as two concurrent jobs (two machines in real life) logging to the server
         jobs = [_train_fold_job(tiny_store, k, env) for k in (1, 2)]

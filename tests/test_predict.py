@@ -70,6 +70,7 @@ def test_stack_5_from_a_train_run(tiny_train_run, tiny_checkpoints, tmp_path):
     assert len(entries) == 16 and {e["class"] for e in entries} == {"atypical", "normal"}
 
 
+@pytest.mark.slow
 def test_the_containers_command_on_an_exported_model(tiny_train_run, tiny_checkpoints, tmp_path):
     # the report's registration, then the build script's export
     client = MlflowClient()

@@ -1,8 +1,10 @@
 """The project shell: one dependency list, entry points that exist, the layout's import rule."""
 import ast
+import os
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,3 +144,22 @@ def test_no_file_points_out_of_the_repository():
         leaving += [f"{path.relative_to(ROOT)}:{i}" for i, line in enumerate(path.read_text().splitlines(), 1)
                     if "../" in line]
     assert not leaving, leaving
+
+
+def test_a_fast_tier_test_that_starts_a_process_fails():
+    """The tiers are a check: in a test not marked slow, starting a process fails it, naming the command
+    (conftest.fast_tier_starts_no_process); git, which reads the code version, is the one exception."""
+    import subprocess
+    import sys
+    with pytest.raises(pytest.fail.Exception, match=r"starts a process \(.*python.* -c pass\): mark it"):
+        subprocess.run([sys.executable, "-c", "pass"])
+    with pytest.raises(pytest.fail.Exception, match=r"os\.system"):
+        os.system("true")
+    assert subprocess.run(["git", "--version"], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_slow_test_may_start_processes():
+    import subprocess
+    import sys
+    assert subprocess.run([sys.executable, "-c", "pass"]).returncode == 0

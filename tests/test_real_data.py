@@ -26,6 +26,7 @@ def amibr_store(tmp_path_factory):
     return store, skipped
 
 
+@pytest.mark.slow
 def test_amibr_ingests_3720_crops_in_slide_grouped_folds(amibr_store):
     store, skipped = amibr_store
     ix = store.index
@@ -46,6 +47,7 @@ def test_atnorm_br_ingests_746_crops_via_folder(tmp_path):
     assert (store.index["fold"] == -1).all() and set(store.index["domain"]) == {"atnorm_br"}
 
 
+@pytest.mark.slow
 def test_midog25_csv_with_written_crops(tmp_path, amibr_store):
     csv = shared_data("midog25", "MIDOG25.csv")
     table = pd.read_csv(csv, dtype={"image_id": str, "filename": str})

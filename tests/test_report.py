@@ -99,6 +99,7 @@ def paper_runs(tracking):
     return {"ids": ids, "old": old}
 
 
+@pytest.mark.slow
 def test_tables_cell_by_cell_and_the_chosen_rows(paper_runs, tmp_path, capsys):
     summary = report.main(["--register", "false", "--n_boot", "200"])
     printed = capsys.readouterr().out

@@ -25,6 +25,8 @@ from pipelines import report
 
 from services import free_port, stop, wait_http
 
+pytestmark = pytest.mark.slow  # mlflow models serve: a scoring server process
+
 
 def post(url: str, payload: dict) -> tuple[int, dict]:
     request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})

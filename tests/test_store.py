@@ -45,6 +45,7 @@ def test_store_rejects_bad_index(tmp_path, bad, msg):
     assert not (tmp_path / "s").exists() and not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_killed_write_leaves_no_store(tmp_path):
     """SIGKILL during a streaming ingest: no folder at `out` that opens as a store."""
     code = f"""
@@ -71,6 +72,7 @@ def test_streaming_writer_truncates_to_what_was_added(tmp_path):
     assert s.manifest["per_class"] == {"unlabelled": 3}
 
 
+@pytest.mark.slow
 def test_folds_are_grouped_and_stratified():
     _, index = make_demo(n=400, seed=1)
     index, spec = assign_folds(index, 5, seed=3)
@@ -88,6 +90,7 @@ def test_folds_refuse_a_fold_without_a_class():
         assign_folds(df, 5, seed=0)
 
 
+@pytest.mark.slow
 def test_demo_is_deterministic_and_imbalanced():
     a, ia = make_demo(n=300, seed=7)
     b, ib = make_demo(n=300, seed=7)

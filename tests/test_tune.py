@@ -27,6 +27,7 @@ def _args(store, storage, n_trials, n_workers):
             "--folds", "1", "--epochs", "1", "--lr_min", "1e-4", "--lr_max", "1e-2"]
 
 
+@pytest.mark.slow
 def test_two_workers_share_a_journal_study_and_it_resumes(tracking, tiny_store, tmp_path):
     journal = tmp_path / "journal.log"
     study = tune.main(_args(tiny_store, journal, n_trials=4, n_workers=2))
@@ -67,7 +68,7 @@ def test_two_workers_share_a_journal_study_and_it_resumes(tracking, tiny_store, 
 
 
 def _dashboard_lists(journal, study_name: str, n_trials: int) -> None:
-    """`optuna-dashboard <journal file>` as the README says: its app reads the study from the file."""
+    """`optuna-dashboard <journal file>` as docs/steps.md says: its app reads the study from the file."""
     import io
     import json
 

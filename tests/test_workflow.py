@@ -1,6 +1,5 @@
 """The whole workflow (`main`) end to end on a small profile, then `mlflow ui` over REST."""
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -16,6 +15,8 @@ from pipelines.common import code_version
 from pipelines.main import Workflow, comparison_url
 from services import mlflow_server
 
+pytestmark = pytest.mark.slow  # main runs every step as a process (mlflow run), a UI server and a browser
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = """
 base: demo
@@ -30,16 +31,13 @@ report: {n_boot: 50}
 
 
 @pytest.fixture(scope="module")
-def workflow(tmp_path_factory):
+def workflow(tmp_path_factory, step_env):
     """One `main` run on a small profile file, through `mlflow run` like a user would."""
     tmp = tmp_path_factory.mktemp("workflow")
     (tmp / "small.yaml").write_text(SMALL)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "OMP_NUM_THREADS": "1",  # tiny models: one thread each (see conftest.one_torch_thread)
-           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}  # steps of seconds: sample every second, not every 10
-    for leaked in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):  # set by other tests' runs
-        env.pop(leaked, None)
+    env = step_env(MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_NAME=None,
+                   MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")  # steps of seconds: sample every second, not every 10
 
     def run(*extra: str):
         return subprocess.run([sys.executable, "-m", "pipelines.main", "--profile", str(tmp / "small.yaml"),
