@@ -257,6 +257,11 @@ def synth_store_param(k: int) -> str:
     return f"store_fold{k}"
 
 
+def synth_store_folds(params: Mapping[str, str]) -> list[int]:
+    """The folds a synthesize run made a store for (its store_fold<k> params)."""
+    return sorted(int(m[1]) for key in params if (m := re.fullmatch(r"store_fold(\d+)", key)))
+
+
 def synth_digest_param(k: int) -> str:
     return f"digest_fold{k}"
 

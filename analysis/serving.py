@@ -135,8 +135,8 @@ def load_predictor(model: str, device: str = "auto", threshold: float | None = N
     try:
         pyfunc = mlflow.pyfunc.load_model(model, model_config={"device": device})
     except MlflowException as e:
-        hint = (f"; `mlflow run . -e report` registers the submission model (after train_cv and evaluate; "
-                f"`make demo` runs the whole workflow)" if model.startswith("models:/") else "")
+        hint = ("; `mlflow run . -e report` registers the submission model (after train_cv and evaluate; "
+                "`make demo` runs the whole workflow)" if model.startswith("models:/") else "")
         raise ModelError(f"{model}: {e.message.splitlines()[0]}{hint}") from None
     inner = pyfunc.unwrap_python_model()
     if not isinstance(inner, EnsemblePyfunc):

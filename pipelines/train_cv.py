@@ -81,8 +81,7 @@ def synthetic_stores(cfg: TrainCVConfig, real: Store, folds: list[int]) -> dict[
         path = params.get(keys.synth_store_param(k))
         if not path:
             raise ConfigError(f"synthesize run {cfg.synth_run_id} has no store for fold {k} "
-                             f"(param {keys.synth_store_param(k)}); it made folds "
-                             f"{sorted(p for p in params if p.startswith(keys.synth_store_param('')))}")
+                             f"(param {keys.synth_store_param(k)}); it made folds {keys.synth_store_folds(params)}")
         stores[k] = open_store(path)
         check_synthetic_for_fold(stores[k], real, k)
     return stores

@@ -1,7 +1,6 @@
 """train_cv: learning, the MLflow contract, resume after SIGKILL, determinism, leakage
 refusals, synthetic balancing, `mlflow run`, and a short run on real AMi-Br crops."""
 import dataclasses
-import os
 import shutil
 import signal
 import subprocess
