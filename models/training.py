@@ -222,6 +222,8 @@ def _train_epoch(model, opt, sched, pool: CropPool, spec: BackboneSpec, cfg: Tra
     train_mode(model, cfg.finetune_spec())
     aug = preset(cfg.augment)
     order = epoch_order(cfg.sampler, pool.labels, np.random.default_rng([cfg.seed, k, epoch]))
+    if len(order) % cfg.batch_size == 1:  # a last batch of one crop: BatchNorm cannot train on it, and a
+        order = order[:-1]  # step on one crop is noise; that crop is in the next epoch's (other) order
     gen = torch.Generator().manual_seed(_derived_seed(cfg.seed, k, epoch, 1))
     cuda = device.type == "cuda"
     total = torch.zeros((), device=device)

@@ -299,3 +299,15 @@ def test_fold_jobs_train_side_by_side_under_one_parent_with_the_same_results(tra
         assert b[keys.fold_metric(k, "auroc")] == pytest.approx(a[keys.fold_metric(k, "auroc")], abs=1e-6), k
     assert b[keys.CV_AUROC_MEAN] == pytest.approx(a[keys.CV_AUROC_MEAN], abs=1e-6)
     assert sorted(p.name for p in (tmp_path / "two").rglob("fold-job-*.log")) == ["fold-job-1.log", "fold-job-2.log"]
+
+
+def test_a_training_split_one_crop_past_a_whole_batch_trains(tmp_path):
+    """The last batch of an epoch would hold one crop (split size = 1 mod batch size): BatchNorm
+    refuses to train on one value per channel, so that batch is dropped instead of failing the fold
+    (seen: a 3-fold workflow's ConvNeXt fold with 24 synthetic crops)."""
+    from data_tools.ingest import ingest
+    store, _ = ingest("demo", None, tmp_path / "demo", folds=2, size=80)
+    n_train = len(store.fold_rows(1)[0])
+    cfg = _cfg(store, batch_size=n_train - 1, workroot=str(tmp_path / "w"))  # a batch, then one crop
+    result = train_fold(cfg, store, 1, None, tmp_path / "w")
+    assert len(result.history) == 1 and np.isfinite(result.history[0].train_loss)
