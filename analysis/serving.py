@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-from mlflow.exceptions import MlflowException
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from analysis import keys, runs
 from data_tools.atomic import atomic_file

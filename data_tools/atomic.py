@@ -2,9 +2,9 @@
 rename or swap it in.
 
 Used for stores, checkpoints, generator weights, training state and prediction files, so a
-killed process never leaves a half-written file or folder under the final name. Replacing an existing folder is one atomic step
-where the kernel offers it (Linux `renameat2(RENAME_EXCHANGE)`: the two folders swap names),
-two renames elsewhere. Staging folders are named `.<name>.<kind>-<host>-<pid>-<random>`, so
+killed process never leaves a half-written file or folder under the final name. Replacing an
+existing folder is one atomic step where the kernel offers it (Linux `renameat2(RENAME_EXCHANGE)`:
+the two folders swap names), two renames elsewhere. Staging folders are named `.<name>.<kind>-<host>-<pid>-<random>`, so
 a later process can tell the leftovers of a dead one (`clean_leftovers`) from a live one's.
 """
 from __future__ import annotations

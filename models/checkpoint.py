@@ -47,14 +47,16 @@ def save_checkpoint(model: nn.Module, spec: BackboneSpec, folder: str | Path, ex
     `base`: models.classifier.weights_identity of the weights training started from."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    external = finetune is not None and finetune.mode != "full" and base is not None and base.get("source") != "none"
+    external = (finetune is not None and finetune.mode != "full"
+                and base is not None and base.get("source") != "none")
     with atomic_dir(folder) as tmp:
         if external:
             save_file(trained_state(model), str(tmp / TRAINED), metadata={"format": str(FORMAT)})
         else:
             state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in merged(model).state_dict().items()}
             save_file(state, str(tmp / WEIGHTS), metadata={"format": str(FORMAT)})
-        config = {"format": FORMAT, "spec": spec.to_dict(), "extra": extra or {}, "finetune": finetune.to_dict() if finetune else {"mode": "full"},
+        config = {"format": FORMAT, "spec": spec.to_dict(), "extra": extra or {},
+                  "finetune": finetune.to_dict() if finetune else {"mode": "full"},
                   "base": base or {"source": "none"}}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=str))
     return folder

@@ -216,14 +216,20 @@ def _domain_loss_weights(pool: CropPool, n_syn: int) -> torch.Tensor:
     return torch.from_numpy(w)
 
 
+def epoch_length(n: int, batch_size: int) -> int:
+    """Crops an epoch trains on: all n, but for a last batch of one crop, which is dropped (BatchNorm
+    cannot train on one value per channel, and a step on one crop is noise); that crop is in the next
+    epoch's order. The scheduler counts the same steps."""
+    return n - 1 if n > 1 and n % batch_size == 1 else n
+
+
 def _train_epoch(model, opt, sched, pool: CropPool, spec: BackboneSpec, cfg: TrainConfig, device: torch.device,
                  k: int, epoch: int, weights: torch.Tensor | None) -> float:
     """One epoch; `weights`: per-crop loss weights of the pool (domain_focal), else None."""
     train_mode(model, cfg.finetune_spec())
     aug = preset(cfg.augment)
     order = epoch_order(cfg.sampler, pool.labels, np.random.default_rng([cfg.seed, k, epoch]))
-    if len(order) % cfg.batch_size == 1:  # a last batch of one crop: BatchNorm cannot train on it, and a
-        order = order[:-1]  # step on one crop is noise; that crop is in the next epoch's (other) order
+    order = order[:epoch_length(len(order), cfg.batch_size)]
     gen = torch.Generator().manual_seed(_derived_seed(cfg.seed, k, epoch, 1))
     cuda = device.type == "cuda"
     total = torch.zeros((), device=device)
@@ -283,7 +289,7 @@ def train_fold(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None =
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.NAdam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate())
     weights = _domain_loss_weights(train_pool, n_syn) if cfg.loss == "domain_focal" else None
-    steps = math.ceil(len(train_pool) / cfg.batch_size)
+    steps = math.ceil(epoch_length(len(train_pool), cfg.batch_size) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=max(1, cfg.restart_epochs * steps))
     history: list[dict[str, float]] = []
     best = {"auroc": -math.inf, "ba": math.nan, "epoch": 0}
