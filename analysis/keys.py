@@ -41,6 +41,7 @@ REPORT = "report"
 TUNE = "tune"
 PREDICT = "predict"
 MAIN = "main"
+SLURM = "slurm"  # not a step: the profile section of the cluster resources (pipelines/slurm.py)
 
 # train_cv parent params
 P_BACKBONE = "backbone"
@@ -70,10 +71,11 @@ LODO = "lodo"
 TRAIN_CV_KEY = "train_cv_key"  # tag: hash of params + data digest + code; fold jobs join the parent with it
 FOLDS_DONE = "folds_done"  # tag on the parent: "1,2,..." the folds with a finished fold run
 DATA_PATH = "data_path"  # tag on the parent: where the training store was (evaluate's overlap check opens it)
-DEVICE = "device"  # tag on a fold run: the device it trained on
+DEVICE = "device"  # tag on a fold run: the device it trained on, "gpu <physical id>" or "cpu"
 P_N_TRAIN_REAL = "n_train_real"  # fold run params: the crops of its training and validation split
 P_N_TRAIN_SYNTHETIC = "n_train_synthetic"
 P_N_VAL = "n_val"
+P_PRECISION = "precision"  # train_cv: as asked on the parent (auto | fp32 | fp16 | bf16), as computed on a fold run
 
 # train_cv parent metrics
 CV_AUROC_MEAN = "cv_auroc_mean"
@@ -102,6 +104,13 @@ def fold_model(k: int) -> str:
     return f"fold{k}"
 
 
+def member_model(r: int, k: int) -> str:
+    """The registered model's name of fold k's checkpoint of an ensemble's r-th row (report
+    `ensemble=greedy`; its artifact, and its key in the model_config's fold thresholds and
+    `member_weights`), e.g. "row2_fold3"."""
+    return f"row{r}_{fold_model(k)}"
+
+
 _FOLD_KEY = re.compile(r"fold(\d+)(?:_(.+))?")
 
 
@@ -128,9 +137,19 @@ def epoch_metrics(m) -> dict[str, float]:
     return {TRAIN_LOSS: m.train_loss, VAL_LOSS: m.val_loss, VAL_AUROC: m.val_auroc, VAL_BA: m.val_ba, LR: m.lr}
 
 # artifacts
-CHECKPOINT_DIR = "checkpoint"  # artifact folder of a fold run: model.safetensors + config.json
+CHECKPOINT_DIR = "checkpoint"  # artifact folder of a fold run of older code: model.safetensors + config.json
 VAL_PREDICTIONS = "val_predictions.csv"  # columns sample_id, label, prob
 PREDICTIONS = "predictions.csv"
+# a fold run's best checkpoint is an MLflow LoggedModel (name fold_model(k)): the checkpoint folder's files as
+# its artifacts, the run's output at the best epoch, best_val_* logged against it and the validation split
+FOLD_MODEL_TYPE = "fold_checkpoint"  # the LoggedModel's model_type
+VALIDATION = "validation"  # dataset-input context of a fold run's validation split
+
+
+def validation_dataset(store_name: str, k: int) -> str:
+    """The MLflow dataset name of fold k's validation split, e.g. "demo600 fold 2 validation"."""
+    return f"{store_name} fold {k} {VALIDATION}"
+
 
 # prepare_data run
 N_IMAGES = "n_images"  # metric; plus n_<class> per class (n_atypical, n_normal, n_unlabelled)
@@ -138,11 +157,21 @@ N_SKIPPED = "n_skipped"
 SKIPPED_CSV = "skipped.csv"  # artifact: item, reason (on_error=skip)
 GRIDS_DIR = "grids"  # artifact folder (and <store>/grids): class_<label>.png, domain_<name>.png
 MANIFEST_JSON = "manifest.json"
+# prepare_data source=stores (data_tools.merge)
+DUPLICATES_CSV = "duplicates.csv"  # artifact: id_a, id_b, store_a, store_b, kind, distance, labels, conflict, kept
+N_DUPLICATES = "n_duplicates"  # metric: copies dropped as duplicates of a kept crop
+N_LABEL_CONFLICTS = "n_label_conflicts"  # metric: copies dropped for disagreeing labels (on_conflict=drop)
+
+
+def parent_context(i: int) -> str:
+    """The dataset-input context (and `<context>_digest` tag) of a merged store's i-th parent: "parent1"."""
+    return f"parent{i}"
 
 # evaluate run
 P_TRAIN_RUN_ID = "train_run_id"
 P_TEST_DIGEST = "test_digest"
 P_THRESHOLD = "threshold"
+P_TTA = "tta"  # none | flips | d4
 N_FOLDS = "n_folds"  # evaluate metric: fold models in the ensemble
 FIG_ROC, FIG_CONFUSION, OVERLAP_CSV = "roc.png", "confusion.png", "overlap.csv"
 TEST_PREFIX = "test_"
@@ -195,30 +224,48 @@ VAE_KL = "vae_kl"
 DIT_LOSS = "dit_loss"
 LATENT_SHIFT = "latent_shift"
 LATENT_SCALE = "latent_scale"
-# synthesize quality, per fold and class: fold_metric(k, f"{KID}_{class}") etc., and their means over folds
+# synthesize quality, per fold and class: quality_metric(KID, "atypical", 2) etc., and their means over folds.
+# The features they are computed on (models.generator_quality.FEATURE_SETS) are in the name, but for the default
+# descriptor's: kid_atypical; fid_imagenet_inception_atypical (torchvision's ImageNet Inception-v3: not the FID
+# of published values); fid_fid_inception_atypical (the standard FID Inception weights, synthesize's fid_weights)
 KID = "kid"
 KID_STD = "kid_std"
 FID = "fid"
+DESCRIPTOR_FEATURES, IMAGENET_INCEPTION, FID_INCEPTION = "descriptor", "imagenet_inception", "fid_inception"
+QUALITY_FEATURES = "quality_features"  # tag on a synthesize run: the feature sets its KID/FID used, in words
+P_FID_WEIGHTS_SHA256 = "fid_weights_sha256"  # synthesize: the FID Inception weights file's SHA-256
 NEAR_COPY_SHARE = "near_copy_share"
 NN_DIST_RATIO = "nn_dist_ratio"
 IMAGES_PER_SECOND = "images_per_second"
 
 
-def quality_metric(name: str, cls: str | None = None, k: int | None = None) -> str:
-    """quality_metric("kid", "atypical", 2) -> "fold2_kid_atypical"; without k: the mean over folds."""
-    key = name if cls is None else f"{name}_{cls}"
+def quality_metric(name: str, cls: str | None = None, k: int | None = None,
+                   features: str = DESCRIPTOR_FEATURES) -> str:
+    """quality_metric("kid", "atypical", 2) -> "fold2_kid_atypical"; without k: the mean over folds;
+    quality_metric("fid", "atypical", features=FID_INCEPTION) -> "fid_fid_inception_atypical"."""
+    key = name if features == DESCRIPTOR_FEATURES else f"{name}_{features}"
+    key = key if cls is None else f"{key}_{cls}"
     return key if k is None else fold_metric(k, key)
 
 # tune: the study run and its nested trial runs
 STUDY_TAG = "optuna_study"  # tag on the study run: "<study_name>@<storage>"
 TRIAL = "trial"  # tag on a trial run: the Optuna trial number
+TRIAL_RUN_ID = "mlflow_run_id"  # the trial's user attribute naming its MLflow run
 TRIAL_STATE = "trial_state"  # tag: COMPLETE | PRUNED
 OBJECTIVE = "objective"  # trial metric: mean best validation AUROC over the folds
 BEST_VALUE, BEST_LR, BEST_TRIAL, BEST_PARAMS = "best_value", "best_lr", "best_trial", "best_params"
 N_TRIALS_DONE = "n_trials_done"
+IMPORTANCE_PREFIX = "importance_"  # study run metrics: Optuna's importance of each searched field
+# train_cv -P from_study: the parent's tags name the study run, its study and the trial whose values it took
+FROM_STUDY_RUN, FROM_STUDY, FROM_TRIAL = "from_study_run", "from_study", "from_trial"
+# every run (and trial) records where it runs, so a run left RUNNING by a process that is gone can be ended
+HOST, PID, PROCESS_START = "host", "pid", "process_start"
 
 # main: the workflow run
 P_JOBS = "jobs"
+P_EXECUTOR = "executor"
+JOB_ID = "job_id"  # tag on a submitted step run: its scheduler job (Slurm id, or a local process id)
+SUBMITTED_JOBS = "submitted_jobs"  # tag on a submitting workflow run: "<label>=<job id>; ..."
 SECONDS_TOTAL = "seconds_total"
 
 
@@ -231,6 +278,19 @@ def seconds_metric(step: str) -> str:
 MODEL_NAME = "atypical-mitosis-classifier"
 SUBMISSION_ALIAS = "submission"
 SUBMISSION_ARTIFACT = "submission_model"  # the pyfunc model's artifact path in the report run
+# tags of a registered version (beside its model_config's keys: threshold, train_run_id, backbone, ...); its
+# description says the same in sentences. SELECTION: what makes two versions the same model (members, threshold
+# rule, TTA), JSON; report registers a new version only when it differs from the alias's version
+V_SELECTION = "selection"
+V_MEMBERS = "members"  # JSON {fold_model(k): LoggedModel id (or, from older code, the fold run id)}
+V_MEMBER_RUNS = "member_runs"  # JSON {fold_model(k): fold run id}
+V_ROW, V_ROWS_COMPARED = "row", "rows_compared"  # the chosen row's label; how many rows had the criterion
+V_SELECTED_VALUE = "selected_value"
+V_THRESHOLD_RULE = "threshold_rule"  # the evaluate run's threshold param (0.5, a number, cv_ba, fold_ba)
+V_EVALUATE_RUN = "evaluate_run_id"
+V_ENSEMBLE_ROWS = "ensemble_rows"  # JSON [{row, train_run_id, weight}] of an ensemble of rows, in pick order
+V_SYNTHETIC_DIGESTS = "synthetic_digests"  # JSON {fold_model(k): digest} of a synth_balanced row's stores
+SYNTHETIC_DIGEST = "synthetic_digest"  # fold run tag: its synthetic store (pipelines.common.log_store)
 
 # report run
 P_EXPERIMENT = "experiment"
@@ -242,6 +302,9 @@ REPORT_MD = "report.md"
 STUDY_FIGURES_DIR = "optuna"  # tune: Optuna's figures of the study (history, slice per parameter)
 TABLES_DIR = "tables"  # the report's tables as MLflow tables (mlflow.log_table): tables/<stem>.json
 TABLE1, TABLE2, COMPARISON = "table1", "table2", "comparison"  # artifact stems: .md, .csv, .tex (+ comparison.json)
+# report ensemble=greedy: its pick order, weights, and it against the best single row (+ .json)
+ENSEMBLE_PICKS, ENSEMBLE_WEIGHTS, ENSEMBLE_COMPARISON = "ensemble_picks", "ensemble_weights", "ensemble_comparison"
+QUALITY_TABLE = "synthetic_quality"  # report: the rows' synthetic crops' KID/FID and their features (.md, .csv, .tex)
 TABLE1_DOMAINS = "table1_domains"  # leave-one-domain-out rows: table1_domains_auroc.*, table1_domains_ba.*
 FIG_FOLD_AUROC, FIG_TEST_ROC, FIG_CALIBRATION = "fold_auroc.png", "test_roc.png", "calibration.png"
 FIG_DOMAIN_GAP = "domain_gap.png"  # slide-grouped CV vs leave one domain out, per row

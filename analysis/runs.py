@@ -5,8 +5,8 @@
   fold** (`fold_runs`); every attempt per fold, for resuming (`fold_attempts`);
 - the folds a parent should have: its `folds` param when it lists them (`expected_folds`), and
   a complete set or an error naming the missing folds (`complete_fold_runs`);
-- what the fold runs hold: out-of-fold predictions, checkpoints (each with its config.json),
-  the fold ensemble;
+- what the fold runs hold: out-of-fold predictions, checkpoints (a LoggedModel each, or the
+  `checkpoint/` artifact of older runs; each with its config.json), the fold ensemble;
 - the threshold rule (threshold, per-fold thresholds) of an evaluate run, and a train_cv run's latest one.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-from mlflow.entities import Run, ViewType
+from mlflow.entities import LoggedModel, LoggedModelStatus, Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -66,6 +66,11 @@ def search(client: MlflowClient, exp_ids: list[str], filter_string: str = "", fi
             return runs
 
 
+def running_runs(client: MlflowClient, exp_ids: list[str]) -> list[Run]:
+    """The experiment's runs whose status is RUNNING (some may belong to a process that is gone)."""
+    return search(client, exp_ids, "attributes.status = 'RUNNING'", finished_only=False)
+
+
 def step_runs(client: MlflowClient, exp_ids: list[str], step: str, finished_only: bool = True,
               filter_string: str = "") -> list[Run]:
     query = " and ".join(f for f in (f"tags.`{keys.STEP}` = '{step}'", filter_string) if f)
@@ -88,6 +93,23 @@ def newest_in_experiment(client: MlflowClient, step: str, experiment: str | None
             raise
         return None
     return latest_run(client, exp_ids, step)
+
+
+def study_run(client: MlflowClient, ref: str) -> Run:
+    """The finished tune run of a study, by run id or by study name (the newest, in the current experiment)."""
+    if len(ref) == 32 and all(c in "0123456789abcdef" for c in ref):
+        run = get_run(client, ref, keys.TUNE)
+    else:
+        found = step_runs(client, experiment_ids(client), keys.TUNE,
+                          filter_string=f"tags.`{keys.STUDY_TAG}` LIKE '{ref}@%'")
+        if not found:
+            raise RunLookupError(f"no finished tune run of study {ref!r} in this experiment: run "
+                                 f"mlflow run . -e tune -P study_name={ref} first, or give the tune run's id")
+        run = found[0]
+    if run.info.status != FINISHED or keys.BEST_PARAMS not in run.data.tags:
+        raise RunLookupError(f"tune run {run.info.run_id} has no best trial yet (status {run.info.status}): "
+                             f"let the study finish, or run it again to complete it")
+    return run
 
 
 def get_run(client: MlflowClient, run_id: str, step: str | None = None) -> Run:
@@ -173,17 +195,39 @@ def oof_predictions(folds: dict[int, Run]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def fold_model(client: MlflowClient, run: Run) -> LoggedModel | None:
+    """The fold run's checkpoint as a LoggedModel (pipelines/fold_model.py): the newest READY one among
+    the run's model outputs, or None for a fold run of older code (its `checkpoint/` artifact)."""
+    outputs = run.outputs.model_outputs if run.outputs else []
+    models = [client.get_logged_model(o.model_id) for o in outputs]
+    ready = [m for m in models if m.status == LoggedModelStatus.READY and m.model_type == keys.FOLD_MODEL_TYPE]
+    return max(ready, key=lambda m: m.creation_timestamp, default=None)
+
+
+def fold_model_ids(folds: dict[int, Run]) -> dict[int, str | None]:
+    """{k: the LoggedModel id of fold k's checkpoint}, None for a fold run of older code."""
+    client = MlflowClient()
+    return {k: (m.model_id if (m := fold_model(client, run)) else None) for k, run in sorted(folds.items())}
+
+
 def download_checkpoints(folds: dict[int, Run], dst: str | Path) -> dict[int, str]:
-    """{k: local checkpoint folder} of the fold runs, each checked for its config.json."""
-    out = {}
+    """{k: local checkpoint folder} of the fold runs (the LoggedModel's files, else the `checkpoint/`
+    artifact of older runs), each checked for its config.json."""
+    client, out = MlflowClient(), {}
     for k, run in sorted(folds.items()):
+        model = fold_model(client, run)
+        where = f"model {model.model_id}" if model else f"{keys.CHECKPOINT_DIR}/ artifact"
+        folder = Path(dst) / f"fold{k}"
         try:
-            local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=keys.CHECKPOINT_DIR,
-                                                        dst_path=str(Path(dst) / f"fold{k}"))
+            if model is not None:
+                local = mlflow.artifacts.download_artifacts(artifact_uri=model.artifact_location, dst_path=str(folder))
+            else:
+                local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=keys.CHECKPOINT_DIR,
+                                                            dst_path=str(folder))
         except (MlflowException, OSError):
             local = ""
         if not local or not (Path(local) / "config.json").is_file():
-            raise RunLookupError(f"fold {k} run {run.info.run_id[:8]} has no {keys.CHECKPOINT_DIR}/config.json artifact")
+            raise RunLookupError(f"fold {k} run {run.info.run_id[:8]} has no checkpoint: no config.json in its {where}")
         out[k] = local
     return out
 
@@ -229,6 +273,14 @@ def latest_evaluate_run(train_run_id: str) -> Run | None:
     client = MlflowClient()
     exp = client.get_run(train_run_id).info.experiment_id
     return latest_run(client, [exp], keys.EVALUATE, f"params.{keys.P_TRAIN_RUN_ID} = '{train_run_id}'")
+
+
+def latest_fold_ba_run(train_run_id: str) -> Run | None:
+    """The newest finished evaluate run of a train_cv run with threshold=fold_ba (its fold thresholds), if any."""
+    client = MlflowClient()
+    exp = client.get_run(train_run_id).info.experiment_id
+    return latest_run(client, [exp], keys.EVALUATE, f"params.{keys.P_TRAIN_RUN_ID} = '{train_run_id}' and "
+                                                    f"params.{keys.P_THRESHOLD} = 'fold_ba'")
 
 
 def is_fold_run(run: Run) -> bool:

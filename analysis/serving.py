@@ -7,9 +7,12 @@ The pyfunc model (`EnsemblePyfunc`): its REST input is a DataFrame with one crop
 either as a base64-encoded image (column `image`: PNG, JPEG or TIFF bytes of an RGB crop) or
 as a path the server can read (column `path`); the output has, per crop, `probability` (the
 ensemble's score of atypical, models/ensemble.py) and `class` ("atypical" when probability >=
-the model's threshold, else "normal"); params `tta` (none | flips | d4) and `batch_size`. The
-model_config holds the threshold and, for `fold_ba`, each fold model's own threshold
-(`fold_thresholds`, named as the checkpoint artifacts), so the model decides as evaluate did.
+the model's threshold, else "normal"); params `tta` (none | flips | d4; by default the TTA the
+threshold was chosen under, model_config `tta`) and `batch_size`. The model_config holds the
+threshold and, for `fold_ba`, each fold model's own threshold (`fold_thresholds`, named as the
+checkpoint artifacts), so the model decides as evaluate did. An ensemble of rows (report
+`ensemble=greedy`) names its artifacts `row<r>_fold<k>` and adds `member_weights` (same names):
+one FoldEnsemble of every member's fold models, each with its own input size and normalisation.
 """
 from __future__ import annotations
 
@@ -44,10 +47,20 @@ class OutputError(UserError, ValueError):
 
 
 def ensemble_from_artifacts(artifacts: dict[str, str], fold_thresholds: dict[str, float] | None = None,
-                            device: str = "cpu"):
+                            device: str = "cpu", member_weights: dict[str, float] | None = None):
     """The fold ensemble (models.ensemble.FoldEnsemble) of the pyfunc model's checkpoint artifacts
-    ({keys.fold_model(k): folder}), in fold order; `fold_thresholds` (fold_ba) named as the artifacts."""
+    ({keys.fold_model(k): folder}), in fold order; `fold_thresholds` (fold_ba) named as the artifacts.
+    An ensemble of rows names its artifacts keys.member_model(r, k) and gives each a weight
+    (`member_weights`, same names; its fold thresholds name them all)."""
     from models.ensemble import FoldEnsemble  # the heavy part; imported where the model loads
+    if member_weights:
+        names = sorted(member_weights)
+        missing = [n for n in names if n not in artifacts or n not in (fold_thresholds or {})]
+        if missing:
+            raise ValueError(f"ensemble members {missing} lack a checkpoint artifact or a fold threshold")
+        return FoldEnsemble.from_dirs([artifacts[n] for n in names], device=device,
+                                      fold_thresholds=[float(fold_thresholds[n]) for n in names],
+                                      weights=[float(member_weights[n]) for n in names])
     dirs = keys.fold_values(artifacts, None)
     per_fold = keys.fold_values(fold_thresholds, None) if fold_thresholds else None
     return FoldEnsemble.from_dirs(list(dirs.values()), device=device,
@@ -62,7 +75,8 @@ class EnsemblePyfunc(mlflow.pyfunc.PythonModel):
         config = context.model_config or {}
         device = str(resolve_device(config.get("device")))  # override: MLFLOW_PYFUNC_INFERENCE_CONFIG
         self.config = config
-        ensemble = ensemble_from_artifacts(context.artifacts, config.get("fold_thresholds"), device)
+        ensemble = ensemble_from_artifacts(context.artifacts, config.get("fold_thresholds"), device,
+                                           config.get("member_weights"))
         self.predictor = Predictor(ensemble, float(config.get("threshold", DEFAULT_THRESHOLD)), "pyfunc")
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
@@ -80,7 +94,8 @@ class EnsemblePyfunc(mlflow.pyfunc.PythonModel):
             raise ValueError(f"crops differ in size {sorted({im.shape for im in images})}; send crops of one size")
         if not images:
             return pd.DataFrame({PROB_COLUMN: pd.Series(dtype=float), CLASS_COLUMN: pd.Series(dtype=str)})
-        prob, cls = self.predictor.predict(np.stack(images), params.get("tta", "none"), int(params.get("batch_size", 64)))
+        tta = params.get("tta", self.config.get("tta", "none"))  # the signature's default is the selection's TTA
+        prob, cls = self.predictor.predict(np.stack(images), tta, int(params.get("batch_size", 64)))
         return pd.DataFrame({PROB_COLUMN: prob, CLASS_COLUMN: cls})
 
 

@@ -70,6 +70,14 @@ def label(row: TrainRow) -> str:
     return row_label(row.backbone, row.regime, row.split, dict(row.recipe))
 
 
+def study_note(rows: list[TrainRow]) -> str:
+    """The rows trained with a tune study's best trial (train_cv -P from_study), naming study and trial."""
+    picks = [(label(r), r.run.data.tags) for r in rows if keys.FROM_STUDY in r.run.data.tags]
+    return "\n".join(["Trained with a tune study's best trial:", *(
+        f"- {name}: study {t[keys.FROM_STUDY]}, trial {t.get(keys.FROM_TRIAL, '?')} (tune run "
+        f"{t.get(keys.FROM_STUDY_RUN, '?')[:8]})" for name, t in picks)]) if picks else ""
+
+
 def group_label(row: TrainRow) -> str:
     """A row's name without its regime: what the regime comparison compares within."""
     return recipe_name(row.backbone, dict(row.recipe))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 
 from data_tools.constants import ATYPICAL, NORMAL, NOT_IN_CV
 from data_tools.errors import UserError
@@ -49,6 +48,7 @@ def assign_folds(index: pd.DataFrame, k: int, seed: int, split: str = "group", s
     groups = index["group"].astype(str).to_numpy()[pool]
     if len(np.unique(groups)) < k:
         raise FoldError(f"{len(np.unique(groups))} groups cannot make {k} folds that never split a group")
+    from sklearn.model_selection import StratifiedGroupKFold  # here: serving reads fold lists, never makes folds
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     fold = np.full(len(index), NOT_IN_CV, dtype=np.int64)
     for i, (_, val) in enumerate(splitter.split(np.zeros(len(pool)), labels, groups), start=1):

@@ -4,9 +4,11 @@ whatever the trainer adds) and its weights, enough to rebuild it offline, writte
 Weights: `model.safetensors`, the whole model (LoRA merged in), where the fold trained every
 weight or started from a random init; or `trained.safetensors`, only what a LoRA or linear-probe
 fold trained, where the frozen rest is a pretrained backbone, which `config.json` identifies
-(hub repository or file, and its SHA-256) instead of storing a second copy of it. Loading finds
-that file again (the hub cache, its recorded path, or the folder named by $MITOCLASS_WEIGHTS_DIR)
-and says so when it is not there.
+(hub repository or file, and its SHA-256) instead of storing a second copy of it. Beside it the
+same in peft's format (`adapter_config.json`, `adapter_model.safetensors`, models.finetune
+.save_adapter), for `peft.PeftModel.from_pretrained` on the named base; the loader reads either.
+Loading finds the base file again (the hub cache, its recorded path, or the folder named by
+$MITOCLASS_WEIGHTS_DIR) and says so when it is not there.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from torch import nn
 
 from models.backbones import BackboneSpec
 from models.classifier import PretrainedWeightsError, build_classifier, file_sha256, hub_weights_file
-from models.finetune import Finetune, apply_finetune, load_trained_state, merged, trained_state
+from models.finetune import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, Finetune, apply_finetune, load_adapter,
+                             load_trained_state, merged, save_adapter, trained_state)
 
 WEIGHTS, TRAINED, CONFIG = "model.safetensors", "trained.safetensors", "config.json"
 FORMAT = 1
@@ -52,6 +55,7 @@ def save_checkpoint(model: nn.Module, spec: BackboneSpec, folder: str | Path, ex
     with atomic_dir(folder) as tmp:
         if external:
             save_file(trained_state(model), str(tmp / TRAINED), metadata={"format": str(FORMAT)})
+            save_adapter(model, finetune, tmp, base_name(base))
         else:
             state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in merged(model).state_dict().items()}
             save_file(state, str(tmp / WEIGHTS), metadata={"format": str(FORMAT)})
@@ -62,9 +66,15 @@ def save_checkpoint(model: nn.Module, spec: BackboneSpec, folder: str | Path, ex
     return folder
 
 
+def base_name(base: dict[str, str]) -> str:
+    """What peft records as the base model: the hub repository, or the weights file's name."""
+    return (base.get("hub_id") or "").removeprefix("hf-hub:") or base.get("name", "")
+
+
 def _config(folder: Path) -> dict[str, Any]:
-    if not (folder / CONFIG).is_file() or not ((folder / WEIGHTS).is_file() or (folder / TRAINED).is_file()):
-        raise CheckpointError(f"{folder} is not a checkpoint folder (needs {CONFIG} and {WEIGHTS} or {TRAINED})")
+    weights = (WEIGHTS, TRAINED, ADAPTER_WEIGHTS)
+    if not (folder / CONFIG).is_file() or not any((folder / w).is_file() for w in weights):
+        raise CheckpointError(f"{folder} is not a checkpoint folder (needs {CONFIG} and one of {', '.join(weights)})")
     return json.loads((folder / CONFIG).read_text())
 
 
@@ -76,17 +86,26 @@ def read_config(folder: str | Path) -> tuple[BackboneSpec, dict[str, Any]]:
 def load_checkpoint(folder: str | Path,
                     device: str | torch.device = "cpu") -> tuple[nn.Module, BackboneSpec, dict[str, Any]]:
     """(model in eval mode on `device`, its spec, the extra dict); no network needed (a LoRA
-    checkpoint's base weights come from the hub cache or a local file)."""
+    checkpoint's base weights come from the hub cache or a local file); a LoRA or linear-probe
+    checkpoint from its trained.safetensors, or, without it, from peft's adapter files."""
     folder = Path(folder)
     config = _config(folder)
     spec, extra = BackboneSpec.from_dict(config["spec"]), config.get("extra", {})
-    if (folder / TRAINED).is_file():
+    if (folder / TRAINED).is_file() or (folder / ADAPTER_WEIGHTS).is_file():
         ft = Finetune(**config["finetune"])
-        model = apply_finetune(build_classifier(spec, str(base_weights(spec, config["base"], folder, ft))), ft)
-        try:
-            load_trained_state(model, load_file(str(folder / TRAINED)), str(folder))
-        except ValueError as e:
-            raise CheckpointError(str(e)) from e
+        base = build_classifier(spec, str(base_weights(spec, config["base"], folder, ft)))
+        if (folder / TRAINED).is_file():
+            model = apply_finetune(base, ft)
+            try:
+                load_trained_state(model, load_file(str(folder / TRAINED)), str(folder))
+            except ValueError as e:
+                raise CheckpointError(str(e)) from e
+        else:
+            try:
+                model = load_adapter(base, folder)
+            except (ValueError, RuntimeError, KeyError) as e:  # peft's errors for an adapter of another model
+                raise CheckpointError(f"{folder}: {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS} do not fit {spec.timm_name}: "
+                                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
         return merged(model).to(device).eval(), spec, extra
     model = build_classifier(spec, pretrained="none")
     try:

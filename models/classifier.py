@@ -16,6 +16,7 @@ from torch import nn
 from data_tools.augment import preprocess
 from data_tools.errors import UserError
 from models.backbones import BackboneSpec
+from models.precision import Precision, choose_precision
 from models.tta import views
 
 log = logging.getLogger(__name__)
@@ -182,13 +183,14 @@ def _check_every_weight_loaded(model: nn.Module, path: Path) -> None:
 
 
 def predict_logits(model: nn.Module, spec: BackboneSpec, images: torch.Tensor, device: torch.device,
-                   tta: str | bool = "none") -> torch.Tensor:
-    """[N] logits of uint8 [N, H, W, 3] crops: resize + normalise, bf16 + channels_last on a GPU;
-    with `tta` (none | flips | d4, models.tta), the mean logit over its views."""
+                   tta: str | bool = "none", precision: Precision | None = None) -> torch.Tensor:
+    """[N] logits of uint8 [N, H, W, 3] crops: resize + normalise, channels_last on a GPU, in `precision`
+    (default: the device's, models.precision: bf16 or fp16 on a GPU, fp32 on a CPU); with `tta`
+    (none | flips | d4, models.tta), the mean logit over its views."""
     x = preprocess(images, spec.input_size, spec.mean, spec.std, device, spec.stain_norm)
     cuda = device.type == "cuda"
     out = []
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+    with (precision or choose_precision("auto", device)).autocast():
         for view in views(tta):
             v = view(x)
             out.append(model(v.contiguous(memory_format=torch.channels_last) if cuda else v).reshape(-1).float())

@@ -5,12 +5,18 @@ or the head alone on a frozen backbone (`linear`, a linear probe).
 A LoRA or linear-probe fold changes a few million numbers of a backbone that may hold a
 billion: `trained_state` is what a checkpoint keeps of it (the trainable tensors and the
 buffers), the frozen rest is identified by its weights file (models.classifier.weights_identity).
+The same is also written in peft's own format (`save_adapter`: adapter_config.json and
+adapter_model.safetensors), which `peft.PeftModel.from_pretrained(<the base classifier>, folder)`
+loads anywhere peft runs: LoRA as peft's LoRA, a linear probe as peft's LN-tuning format over
+the head (a trained copy of the whole head module), since peft has no adapter of a head alone.
 For inference `merged` folds the adapter into the weights: a plain timm model again.
 """
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -118,6 +124,45 @@ def merged(model: nn.Module) -> nn.Module:
     if hasattr(model, "merge_and_unload"):
         return copy.deepcopy(model).merge_and_unload()
     return model
+
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # peft's file names
+
+
+def save_adapter(model: nn.Module, ft: Finetune, folder: Path, base_name: str) -> None:
+    """peft's files of what a LoRA or linear-probe fold trained, into `folder`; `base_name`: the
+    base weights (hub repository or file name), peft's base_model_name_or_path."""
+    from peft import LNTuningConfig, get_peft_model
+
+    # save_embedding_layers=False: peft's "auto" asks the hub whether `base_name` has a config.json (no network here)
+    if ft.mode == "lora":
+        model.peft_config["default"].base_model_name_or_path = base_name
+        model.save_pretrained(str(folder), save_embedding_layers=False)
+    elif ft.mode == "linear":  # a model of the head alone, at its path: no copy of the backbone
+        heads = head_names(model)
+        holder = nn.Module()
+        for name in heads:
+            *path, last = name.split(".")
+            parent = holder
+            for part in path:
+                if not hasattr(parent, part):
+                    parent.add_module(part, nn.Module())
+                parent = getattr(parent, part)
+            parent.add_module(last, copy.deepcopy(model.get_submodule(name)).cpu())
+        holder.name_or_path = base_name  # what get_peft_model records as the base
+        exact = "|".join(map(re.escape, heads))  # a regex is matched whole: not `backbone.head` for `head`
+        get_peft_model(holder, LNTuningConfig(target_modules=exact)).save_pretrained(str(folder),
+                                                                                     save_embedding_layers=False)
+    else:
+        raise ValueError(f"finetune={ft.mode} trains every weight: there is no adapter to save")
+    (folder / "README.md").unlink(missing_ok=True)  # peft's empty model card
+
+
+def load_adapter(base: nn.Module, folder: Path) -> nn.Module:
+    """The base classifier with the peft adapter of `folder` (save_adapter's files), for inference."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(folder)).eval()
 
 
 def train_mode(model: nn.Module, ft: Finetune) -> None:

@@ -1,16 +1,22 @@
 """How good, and how original, are synthetic crops? Distribution distances (KID, FID),
 a memorisation check, and image grids.
 
-Features. KID/FID need a feature extractor. The standard one (Inception-v3 on ImageNet)
-needs a download, and a randomly initialised network measures nothing. The default here is
-a fixed, hand-made descriptor of what matters in an H&E mitotic-figure crop: stain colour
-(optical-density statistics), chromatin layout around the centre (radial profile), texture
-and sharpness (gradient histograms, power spectrum) and figure morphology (chromatin area
-and the number of separate chromatin clumps, which is what tells a multipolar or lagging
-figure from a plate). It needs no weights, is identical on every machine, and, unlike
+Features. KID/FID need a feature extractor, and a randomly initialised network measures
+nothing. The default here is a fixed, hand-made descriptor of what matters in an H&E
+mitotic-figure crop: stain colour (optical-density statistics), chromatin layout around the
+centre (radial profile), texture and sharpness (gradient histograms, power spectrum) and
+figure morphology (chromatin area and the number of separate chromatin clumps, which is what
+tells a multipolar or lagging figure from a plate). It needs no weights, is identical on every machine, and, unlike
 the fold's own VAE encoder, does not share the generator's blind spots, so numbers are
-comparable across folds, runs and samplers. `inception_features` gives the standard
-features on a machine that can download torchvision's weights.
+comparable across folds, runs and samplers, though not with any published figure.
+The `inception` option computes on an Inception-v3's 2048-d pool features, and which network
+it is decides what the numbers may be compared with (FEATURE_SETS): given the standard FID
+Inception weights (`fid_weights`: the TensorFlow network of 2015-12-05 that every published
+FID uses, as torch-fidelity and pytorch-fid ship it, loaded offline through torch-fidelity),
+its FID is the FID of the literature (at the same number of crops: `quality_max` per class
+caps it, and FID falls as it grows); without them it is torchvision's ImageNet Inception-v3
+(a classifier with other weights and preprocessing), whose "FID" is not comparable with
+published values and is named apart (`imagenet_inception`).
 
 Memorisation. For each synthetic crop, the distance (pixels at 32x32) to its nearest
 neighbour among the generator's training crops. It is judged against a reference: the
@@ -21,20 +27,39 @@ crop than the `q` quantile of the reference; a generator that does not copy scor
 from __future__ import annotations
 
 import functools
-import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import linalg, ndimage
+from scipy import ndimage
 
 from data_tools.constants import LABEL_NAMES
-from data_tools.errors import ConfigError
+from data_tools.errors import ConfigError, UserError
 from data_tools.grids import mosaic
 
 # ---------------------------------------------------------------- features
 
-FEATURES = ("descriptor", "inception")
+FEATURES = ("descriptor", "inception")  # what a user asks for (synthesize's `features`)
+# what is computed, by name (in the metric names: analysis.keys.quality_metric) and in words
+FEATURE_SETS = {
+    "descriptor": "descriptor features (weight-free, this project's; not comparable with published FID values)",
+    "imagenet_inception": "ImageNet Inception-v3 features (torchvision's classifier weights; not comparable with "
+                          "published FID values)",
+    "fid_inception": "FID: the standard FID Inception-v3 weights (comparable with published FID values of as many "
+                     "crops: FID falls with the number of crops)",
+}
+FID_WEIGHTS_NAMES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
+
+
+def feature_set(features: str, fid_weights: str | None = None) -> str:
+    """The feature set a `features` word computes: `inception` is the FID Inception with `fid_weights`
+    (a file), torchvision's ImageNet Inception-v3 without."""
+    if features not in FEATURES:
+        raise ConfigError(f"unknown features {features!r}; choose from {', '.join(FEATURES)}")
+    if features == "descriptor":
+        return "descriptor"
+    return "fid_inception" if fid_weights else "imagenet_inception"
 
 
 def descriptor(images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -88,15 +113,16 @@ def _inception(device: str) -> torch.nn.Module:
     try:
         net = inception_v3(weights=Inception_V3_Weights.IMAGENET1K_V1, aux_logits=True)
     except Exception as e:  # noqa: BLE001 - any download/cache failure
-        raise RuntimeError(f"Inception-v3 weights unavailable (offline?): {e}. "
-                           "Use the default descriptor features.") from e
+        raise UserError(f"torchvision's ImageNet Inception-v3 weights are unavailable (offline?): "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}. Give fid_weights=<the FID "
+                        f"Inception weights file> or use the default descriptor features") from None
     net.fc = torch.nn.Identity()
     return net.eval().to(device)
 
 
-def inception_features(images: np.ndarray, device: str = "cpu", batch_size: int = 64) -> np.ndarray:
-    """The standard FID features (Inception-v3 pool, 2048-d). Needs torchvision's ImageNet
-    weights (downloaded once into the torch cache); fails loudly where they cannot be had."""
+def imagenet_inception_features(images: np.ndarray, device: str = "cpu", batch_size: int = 64) -> np.ndarray:
+    """torchvision's ImageNet Inception-v3 pool features (2048-d): not the FID network (see the
+    module doc). Needs torchvision's weights (downloaded once into the torch cache)."""
     net = _inception(str(device))
     mean = torch.tensor([0.485, 0.456, 0.406], device=device)[:, None, None]
     std = torch.tensor([0.229, 0.224, 0.225], device=device)[:, None, None]
@@ -107,6 +133,38 @@ def inception_features(images: np.ndarray, device: str = "cpu", batch_size: int 
             x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
             out.append(net((x - mean) / std).double().cpu().numpy())
     return np.concatenate(out)
+
+
+@functools.lru_cache(maxsize=2)
+def fid_inception(weights: str, device: str = "cpu") -> torch.nn.Module:
+    """torch-fidelity's FID Inception-v3 (the 2015-12-05 TensorFlow network) with the weights in the
+    file `weights`, offline; a missing or wrong file is a one-line error naming it."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    path = Path(weights).expanduser()
+    how = (f"give the FID Inception weights as a file (torch-fidelity's {FID_WEIGHTS_NAMES[0]} or "
+           f"pytorch-fid's {FID_WEIGHTS_NAMES[1]}), or leave fid_weights empty")
+    if not path.is_file():
+        raise UserError(f"fid_weights={weights}: no such file; {how}")
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)  # tensors only: a file that would run code stops here
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    except Exception as e:  # noqa: BLE001 - not a state dict, or not this architecture's
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"fid_weights={weights} is not the FID Inception-v3 weights ({why}); {how}") from None
+    return net.to(device)
+
+
+def fid_inception_features(images: np.ndarray, weights: str, device: str = "cpu", batch_size: int = 64) -> np.ndarray:
+    """The FID features (2048-d pool of the FID Inception, torch-fidelity's resize and scaling) of uint8
+    crops [N, H, W, 3]."""
+    net = fid_inception(str(weights), str(device))
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(images), batch_size):
+            x = torch.as_tensor(np.asarray(images[s:s + batch_size]), device=device).permute(0, 3, 1, 2).contiguous()
+            out.append(net(x)[0].double().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 2048))
 
 
 # ---------------------------------------------------------------- distances
@@ -142,30 +200,47 @@ def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 50, subset_size: int 
     return float(np.mean(vals)), float(np.std(vals))
 
 
-def fid(real: np.ndarray, fake: np.ndarray, eps: float = 1e-6) -> float:
-    """Frechet distance between Gaussians fitted to the two feature sets."""
+def fid(real: np.ndarray, fake: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to the two feature sets:
+    |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2))."""
     if len(real) < 2 or len(fake) < 2:
         return float("nan")
-    mu1, mu2 = real.mean(0), fake.mean(0)
-    s1, s2 = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
-    with warnings.catch_warnings():  # fewer samples than feature dimensions: singular by construction
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        off = np.eye(len(s1)) * eps
-        covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * np.real(covmean)))
+    a, b = real - real.mean(0), fake - fake.mean(0)
+    n, m = len(a) - 1, len(b) - 1
+    trace_s1, trace_s2 = (a ** 2).sum() / n, (b ** 2).sum() / m
+    diff = real.mean(0) - fake.mean(0)
+    return float(diff @ diff + trace_s1 + trace_s2 - 2 * trace_sqrt_product(a, b))
+
+
+def trace_sqrt_product(a: np.ndarray, b: np.ndarray) -> float:
+    """tr(sqrt(S1 S2)) of the covariances of centred samples a [n, d] and b [m, d], exactly, without
+    a d x d matrix square root: the non-zero eigenvalues of S1 S2 = a'a b'b / (n-1)(m-1) are those of
+    (a b')(a b')' / (n-1)(m-1), the squared singular values of a b' (scaled). With fewer samples than
+    features (2048-d Inception features) this is an SVD of an n x m matrix instead of scipy's sqrtm
+    of a 2048 x 2048 one, which took 79 s on 2 cores for 4 samples; with more, the symmetric
+    form sqrt(S1) S2 sqrt(S1)."""
+    n, m, d = len(a) - 1, len(b) - 1, a.shape[1]
+    if min(len(a), len(b)) <= d:
+        return float(np.linalg.svd(a @ b.T, compute_uv=False).sum() / np.sqrt(n * m))
+    w, v = np.linalg.eigh(a.T @ a / n)
+    root = (v * np.sqrt(w.clip(min=0))) @ v.T
+    eig = np.linalg.eigvalsh(root @ (b.T @ b / m) @ root)
+    return float(np.sqrt(eig.clip(min=0)).sum())
 
 
 def distribution_distance(real: np.ndarray, fake: np.ndarray, seed: int = 0, features: str = "descriptor",
-                          device: str = "cpu") -> dict[str, float]:
-    """KID (mean, std) and FID between two sets of crops, on `descriptor` or `inception` features."""
-    if features == "descriptor":
+                          device: str = "cpu", fid_weights: str | None = None) -> dict[str, float]:
+    """KID (mean, std) and FID between two sets of crops, on the features `features` (descriptor |
+    inception, see feature_set; or a FEATURE_SETS name) compute."""
+    which = features if features in FEATURE_SETS else feature_set(features, fid_weights)
+    if which == "descriptor":
         r, f = standardise(descriptor(real), descriptor(fake))
-    elif features == "inception":
-        r, f = inception_features(real, device), inception_features(fake, device)
+    elif which == "imagenet_inception":
+        r, f = imagenet_inception_features(real, device), imagenet_inception_features(fake, device)
     else:
-        raise ConfigError(f"unknown features {features!r}; choose one of {FEATURES}")
+        if not fid_weights:
+            raise ConfigError("the FID Inception features need fid_weights=<the weights file>")
+        r, f = fid_inception_features(real, fid_weights, device), fid_inception_features(fake, fid_weights, device)
     k, k_std = kid(r, f, seed=seed)
     return {"kid": k, "kid_std": k_std, "fid": fid(r, f)}
 
@@ -235,12 +310,14 @@ def nearest_pairs(synthetic: np.ndarray, train: np.ndarray, n: int = 8,
 
 def quality_report(synthetic: np.ndarray, synthetic_labels: np.ndarray, train: np.ndarray, train_labels: np.ndarray,
                    reference: np.ndarray, max_n: int = 1000, seed: int = 0, features: tuple[str, ...] = ("descriptor",),
-                   device: str = "cpu") -> tuple[dict[str, float], dict[str, np.ndarray]]:
+                   device: str = "cpu",
+                   fid_weights: str | None = None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Metrics and grids for one fold's synthetic crops against the generator's training crops.
 
     Per class present in `synthetic_labels`: KID/FID against real training crops of that
-    class (`kid_<class>`, `fid_<class>`; `kid_inception_<class>`... with `features` including
-    "inception") and a real-vs-synthetic grid; over all synthetic crops:
+    class (`kid_<class>`, `fid_<class>` on the descriptor; with `features` including "inception",
+    `kid_<set>_<class>`... for its FEATURE_SETS name: `imagenet_inception`, or `fid_inception` given
+    `fid_weights`) and a real-vs-synthetic grid; over all synthetic crops:
     the memorisation figures and a grid of the closest synthetic/training pairs. `reference`:
     unseen real crops passed through the fold's VAE. The sets compared are capped at `max_n`
     random crops; the nearest-neighbour search covers every training crop."""
@@ -257,9 +334,11 @@ def quality_report(synthetic: np.ndarray, synthetic_labels: np.ndarray, train: n
         fake_rows = cap(np.flatnonzero(synthetic_labels == c))
         real, fake = np.asarray(train[real_rows]), synthetic[fake_rows]
         if len(real) and len(fake):
-            for feats in features:  # descriptor: kid_<class>; inception: kid_inception_<class>
-                tag = "" if feats == "descriptor" else f"{feats}_"
-                dist = distribution_distance(real, fake, seed=seed, features=feats, device=device)
+            for feats in features:  # descriptor: kid_<class>; the others: kid_<set>_<class>
+                which = feature_set(feats, fid_weights)
+                tag = "" if which == "descriptor" else f"{which}_"
+                dist = distribution_distance(real, fake, seed=seed, features=which, device=device,
+                                             fid_weights=fid_weights)
                 metrics.update({f"{k}_{tag}{name}": v for k, v in dist.items()})
             grids[f"real_vs_synthetic_{name}"] = side_by_side(real, fake)
     syn = synthetic[cap(np.arange(len(synthetic)))]

@@ -38,6 +38,7 @@ from data_tools.params import identity_fields, param
 
 from models.generator import (EMA, BatchRandom, Generator, diffusion_loss, drop_labels, encode_moments,
                               measure_latent_stats, new_generator, reconstruct, set_latent_stats, to_pixels, vae_loss)
+from models.precision import backward_step, choose_precision
 from models.sampling import generate
 
 # on_epoch(stage, epoch, metrics, preview): preview is a uint8 grid image or None
@@ -75,7 +76,8 @@ def data_parallel(device: torch.device | str) -> Accelerator | None:
     """The Accelerator of a run that `accelerate launch` (or torchrun) started as several
     processes, on `device`'s kind: cuda, one GPU per process (NCCL); cpu, one process per share
     of the cores (gloo). None in a one-process run, which trains as it always did. Mixed
-    precision stays ours in both (bf16 autocast on cuda), whatever the launcher was told."""
+    precision stays ours in both (models.precision: bf16 or fp16 + scaler on cuda), whatever the
+    launcher was told."""
     if get_int_from_env(WORLD_SIZE_ENV, 1) <= 1:
         return None
     return Accelerator(cpu=torch.device(device).type == "cpu", mixed_precision="no")
@@ -200,6 +202,8 @@ def _run_stage(stage: _Stage, cfg: FitConfig, workdir: Path, device: torch.devic
                preview: Callable[[], np.ndarray], accelerator: Accelerator | None) -> None:
     model = stage.model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    precision = choose_precision("auto", device)  # by the GPU's capability; fp32 on a CPU
+    scaler = precision.scaler()  # fp16's loss scaling; a pass-through otherwise
     ckpt = workdir / f"{stage.name}.safetensors"
     start = _load_state(ckpt, stage, opt) if ckpt.is_file() else 0  # every process loads the same state
     objective: torch.nn.Module = _Objective(model, stage.step)
@@ -226,11 +230,9 @@ def _run_stage(stage: _Stage, cfg: FitConfig, workdir: Path, device: torch.devic
                    disable=not is_main)
         for b in bar:
             draws = BatchRandom(g, cfg.batch_size, rows)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with precision.autocast():
                 loss, parts = objective(order[b * cfg.batch_size:(b + 1) * cfg.batch_size], draws)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            backward_step(loss, opt, scaler)
             if stage.ema is not None:
                 stage.ema.update(model)
             for k, v in {"loss": loss.detach(), **parts}.items():

@@ -86,6 +86,20 @@ def calibrated_ba_threshold(y, p) -> float:
     return float(1 / (1 + np.exp(-(_logit(np.array([y.mean()]))[0] - intercept) / slope)))
 
 
+def fold_ba_thresholds(y, p, folds) -> dict[int, float]:
+    """{k: the calibrated BA-optimal threshold of fold model k on its own out-of-fold predictions}
+    (evaluate's `fold_ba`, and the report's ensembles); ValueError names a fold with one class."""
+    y, p = _arrays(y, p)
+    folds = np.asarray(folds).astype(np.int64).ravel()
+    out = {}
+    for k in np.unique(folds):
+        mask = folds == k
+        if len(np.unique(y[mask])) < 2:
+            raise ValueError(f"fold {int(k)}'s out-of-fold predictions hold one class only")
+        out[int(k)] = calibrated_ba_threshold(y[mask], p[mask])
+    return out
+
+
 def _weighted_metrics(y: np.ndarray, p: np.ndarray, w: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
     """The metrics for many resamples at once: `w` [B, N] holds each sample's multiplicity."""
     pos, neg = (y == 1), (y == 0)

@@ -47,6 +47,7 @@ from models.classifier import build_classifier, predict_logits, weights_identity
 from models.finetune import (FINETUNE_MODES, Finetune, apply_finetune, count_params, load_trained_state, train_mode,
                              trained_state)
 from models.losses import LOSSES, classification_loss, domain_weights
+from models.precision import PRECISIONS, Precision, backward_step, choose_precision
 
 STATE, BEST, BEST_PREDICTIONS = "state.pt", "best", "best_val_predictions.csv"
 
@@ -83,6 +84,10 @@ class TrainConfig:
                             "in training and, stored with the model, in inference", choices=STAIN_NORMS)
     compile: bool = param("torch.compile the model: faster steps after a one-off compile of a minute or more "
                           "(scripts/bench_gpu.py measures both)", identity=False)
+    # an identity field: fp16, bf16 and fp32 round differently, so one seed trains (slightly) different weights;
+    # the folds of one experiment agree on what was asked (`auto` resolves per machine, as device=auto does)
+    precision: str = param("auto (bf16 on a GPU with native bf16, else fp16 with a gradient scaler; fp32 on a CPU) "
+                           "| fp32 | fp16 | bf16", choices=PRECISIONS)
 
     EVAL_BATCH_SIZE: ClassVar[int] = 128
     PREFETCH: ClassVar[int] = 2  # batches gathered ahead by a background thread
@@ -93,6 +98,9 @@ class TrainConfig:
 
     def learning_rate(self) -> float:
         return float(self.lr) if self.lr is not None else self.spec().default_lr
+
+    def precision_on(self, device: torch.device) -> Precision:
+        return choose_precision(self.precision, device)
 
     def finetune_spec(self) -> Finetune:
         return Finetune(self.finetune, self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
@@ -125,6 +133,7 @@ class FoldResult:
     n_train_real: int = 0
     n_train_synthetic: int = 0
     n_val: int = 0
+    precision: str = ""  # what training computed in (models.precision): fp32 | fp16 | bf16
 
 
 def set_determinism() -> None:
@@ -196,12 +205,13 @@ def _load_state(path: Path, fingerprint: str) -> dict | None:
 
 @torch.inference_mode()
 def predict_pool(model: torch.nn.Module, spec: BackboneSpec, pool: CropPool, device: torch.device,
-                 batch_size: int = 128) -> tuple[np.ndarray, float]:
-    """(probabilities [N], mean BCE loss) of the pool's crops, resize + normalise only."""
+                 batch_size: int = 128, precision: Precision | None = None) -> tuple[np.ndarray, float]:
+    """(probabilities [N], mean BCE loss) of the pool's crops, resize + normalise only; `precision`:
+    the training's (default: the device's, models.precision)."""
     model.eval()
     out = []
     for images, _, _ in iterate_batches(pool, batch_size, prefetch=1, pin=device.type == "cuda"):
-        out.append(predict_logits(model, spec, images, device).float().cpu())
+        out.append(predict_logits(model, spec, images, device, precision=precision).float().cpu())
     z = torch.cat(out)
     loss = F.binary_cross_entropy_with_logits(z, torch.from_numpy(pool.labels)).item()
     return torch.sigmoid(z).numpy(), loss
@@ -223,15 +233,17 @@ def epoch_length(n: int, batch_size: int) -> int:
     return n - 1 if n > 1 and n % batch_size == 1 else n
 
 
-def _train_epoch(model, opt, sched, pool: CropPool, spec: BackboneSpec, cfg: TrainConfig, device: torch.device,
-                 k: int, epoch: int, weights: torch.Tensor | None) -> float:
-    """One epoch; `weights`: per-crop loss weights of the pool (domain_focal), else None."""
+def _train_epoch(model, opt, sched, scaler: torch.amp.GradScaler, pool: CropPool, spec: BackboneSpec,
+                 cfg: TrainConfig, device: torch.device, k: int, epoch: int, weights: torch.Tensor | None) -> float:
+    """One epoch; `weights`: per-crop loss weights of the pool (domain_focal), else None; `scaler`:
+    fp16's loss scaling (disabled, a pass-through, for fp32 and bf16)."""
     train_mode(model, cfg.finetune_spec())
     aug = preset(cfg.augment)
     order = epoch_order(cfg.sampler, pool.labels, np.random.default_rng([cfg.seed, k, epoch]))
     order = order[:epoch_length(len(order), cfg.batch_size)]
     gen = torch.Generator().manual_seed(_derived_seed(cfg.seed, k, epoch, 1))
     cuda = device.type == "cuda"
+    precision = cfg.precision_on(device)
     total = torch.zeros((), device=device)
     n_batches = math.ceil(len(order) / cfg.batch_size)
 
@@ -248,14 +260,12 @@ def _train_epoch(model, opt, sched, pool: CropPool, spec: BackboneSpec, cfg: Tra
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        with precision.autocast():
             z = model(x).reshape(-1)
         w = weights[positions].to(device, non_blocking=True) if weights is not None else None
         loss = classification_loss(z.float(), y, cfg.loss, focal_gamma=cfg.focal_gamma, pos_weight=cfg.pos_weight,
                                    sample_weights=w)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        backward_step(loss, opt, scaler)
         sched.step()
         total += loss.detach() * len(y)
     return float(total.item()) / len(order)
@@ -272,6 +282,7 @@ def train_fold(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None =
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     spec, device = cfg.spec(), resolve_device(cfg.device)
+    precision = cfg.precision_on(device)
     train_pool, val_pool, n_syn = fold_pools(cfg, store, k, synthetic)
     fingerprint = _fingerprint(cfg, store, k, synthetic, n_syn)
     state = _load_state(workdir / STATE, fingerprint)
@@ -291,6 +302,7 @@ def train_fold(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None =
     weights = _domain_loss_weights(train_pool, n_syn) if cfg.loss == "domain_focal" else None
     steps = math.ceil(epoch_length(len(train_pool), cfg.batch_size) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=max(1, cfg.restart_epochs * steps))
+    scaler = precision.scaler()
     history: list[dict[str, float]] = []
     best = {"auroc": -math.inf, "ba": math.nan, "epoch": 0}
     start = 1
@@ -301,6 +313,8 @@ def train_fold(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None =
             load_trained_state(model, state["model"], str(workdir / STATE))
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if state.get("scaler"):  # empty for a disabled scaler
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         history, best, start = state["history"], state["best"], state["epoch"] + 1
         tqdm.write(f"fold {k}: resuming after epoch {state['epoch']} from {workdir / STATE}")
@@ -310,8 +324,8 @@ def train_fold(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None =
     for epoch in range(start, cfg.epochs + 1):
         lr = opt.param_groups[0]["lr"]
         t0 = time.perf_counter()
-        train_loss = _train_epoch(forward, opt, sched, train_pool, spec, cfg, device, k, epoch, weights)
-        probs, val_loss = predict_pool(forward, spec, val_pool, device, cfg.EVAL_BATCH_SIZE)
+        train_loss = _train_epoch(forward, opt, sched, scaler, train_pool, spec, cfg, device, k, epoch, weights)
+        probs, val_loss = predict_pool(forward, spec, val_pool, device, cfg.EVAL_BATCH_SIZE, precision)
         m = binary_metrics(val_y, probs, 0.5)
         metrics = EpochMetrics(train_loss, val_loss, m["auroc"], m["ba"], lr)
         tqdm.write(f"fold {k} epoch {epoch}/{cfg.epochs}: train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
@@ -329,13 +343,15 @@ def train_fold(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None =
             on_epoch(epoch, metrics)
         _save_atomic({"fingerprint": fingerprint, "epoch": epoch,
                       "model": model.state_dict() if whole_state else trained_state(model),
-                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "torch_rng": torch.get_rng_state(), "history": history, "best": best}, workdir / STATE)
+                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                      "torch_rng": torch.get_rng_state(), "history": history, "best": best,
+                      "precision": precision.name}, workdir / STATE)
 
     if best["epoch"] == 0:
         raise RuntimeError(f"fold {k}: no epoch was trained (epochs={cfg.epochs})")
     # finished: keep the history and the best model, drop the large training state
-    state = {"fingerprint": fingerprint, "epoch": cfg.epochs, "finished": True, "history": history, "best": best}
+    state = {"fingerprint": fingerprint, "epoch": cfg.epochs, "finished": True, "history": history, "best": best,
+             "precision": precision.name}
     _save_atomic(state, workdir / STATE)
     return _result(k, state, workdir, train_pool, val_pool, n_syn)
 
@@ -346,4 +362,4 @@ def _result(k: int, state: dict, workdir: Path, train_pool: CropPool, val_pool: 
                       best_epoch=int(best["epoch"]),
                       val_predictions=pd.read_csv(workdir / BEST_PREDICTIONS, dtype={"sample_id": str}),
                       checkpoint=workdir / BEST, history=[EpochMetrics(**h) for h in state["history"]], n_train_real=len(train_pool) - n_syn,
-                      n_train_synthetic=n_syn, n_val=len(val_pool))
+                      n_train_synthetic=n_syn, n_val=len(val_pool), precision=state.get("precision", ""))

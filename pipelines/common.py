@@ -6,6 +6,7 @@ import functools
 import hashlib
 import importlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from analysis import keys
 from data_tools.errors import ConfigError, UserError
 from data_tools.params import parse_flag
 from data_tools.store import Store
+from pipelines.orphans import end_orphaned_runs, process_tags
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -89,15 +91,17 @@ def step_description(step: str, profile: str) -> str:
 @contextlib.contextmanager
 def step_run(step: str, profile: str, run_name: str | None = None, tags: dict[str, str] | None = None,
              nested: bool = False, system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
-    """Start (or, under `mlflow run`, resume via MLFLOW_RUN_ID) the run of a step, tagged by contract,
-    with its description; `system_metrics`: CPU, memory (and GPU) sampled into the run (training steps)."""
-    all_tags = {keys.STEP: step, keys.PROFILE: profile, keys.CODE_VERSION: code_version(),
+    """Start (or, under `mlflow run`, resume via MLFLOW_RUN_ID) the run of a step, tagged by contract
+    (with its process: pipelines/orphans.py), with its description; `system_metrics`: CPU, memory (and
+    GPU) sampled into the run (training steps). Runs its experiment's processes left RUNNING are ended."""
+    all_tags = {keys.STEP: step, keys.PROFILE: profile, keys.CODE_VERSION: code_version(), **process_tags(),
                 **({} if nested else {keys.DESCRIPTION: step_description(step, profile)}), **(tags or {})}
     _stop_on_sigterm()
     with mlflow.start_run(run_name=run_name, nested=nested, tags=all_tags,
                           log_system_metrics=system_metrics or None) as run:
         if not nested:
             mark_training_experiment(run.info.experiment_id)
+            end_orphaned_runs(mlflow.tracking.MlflowClient(), run.info.experiment_id, step)
         if run_name and not nested:
             mlflow.set_tag("mlflow.runName", run_name)
         yield run
@@ -128,8 +132,9 @@ def log_store(store: Store, context: str) -> None:
 
 
 def _same_value(a: str, b: str) -> bool:
-    """The same value as typed by the user and as resolved: "1e-3" / "0.001", "yes" / "true"."""
-    if a == b:
+    """The same value as typed by the user and as resolved: "1e-3" / "0.001", "yes" / "true", and
+    "'a|b'" / "a|b" (`mlflow run` logs a value with shell characters as it quoted it for the command)."""
+    if a == b or a == shlex.quote(b):
         return True
     for parse in (float, parse_flag):
         try:

@@ -22,7 +22,7 @@ import importlib
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, Callable, ClassVar, TypeVar
 
 from data_tools.params import identity_fields, param, parse_flag
 from pipelines.profiles import PROFILES, defaults
@@ -110,10 +110,14 @@ def shown(value: Any, f: dataclasses.Field) -> str:
     return str(value) if value != "" else "-"
 
 
-def from_cli(cls: type[C], argv: list[str] | None = None, doc: str | None = None) -> C:
-    """Parse the command line (an unknown option is an error) and build the config."""
+def from_cli(cls: type[C], argv: list[str] | None = None, doc: str | None = None,
+             fill: Callable[[dict[str, str]], Any] | None = None) -> C:
+    """Parse the command line (an unknown option is an error) and build the config; `fill` may set
+    values the user left out (train_cv's from_study) before the profile fills the rest."""
     p = parser(cls, doc)
     args = vars(p.parse_args(argv))
+    if fill:
+        fill(args)
     try:
         return build(cls, args.pop("profile"), **args)
     except ValueError as e:

@@ -31,7 +31,7 @@ from data_tools.errors import ConfigError, UserError
 from data_tools.params import param
 from data_tools.store import Store, open_store
 from models.checkpoint import resolve_device
-from models.metrics import METRICS, ba_optimal_threshold, bootstrap_metrics, calibrated_ba_threshold
+from models.metrics import METRICS, ba_optimal_threshold, bootstrap_metrics, fold_ba_thresholds
 from models.tta import TTA_MODES
 from pipelines.common import cli_step, log_params, log_store, step_run
 from pipelines.config import StepConfig, as_params, from_cli
@@ -65,13 +65,10 @@ CONFIG = EvaluateConfig
 
 def fold_thresholds(oof: pd.DataFrame) -> dict[int, float]:
     """{k: the BA-optimal threshold of fold model k, calibrated on its own out-of-fold predictions}."""
-    out = {}
-    for k, g in oof.groupby("fold", sort=True):
-        if g["label"].nunique() < 2:
-            raise ConfigError(f"fold {k}'s out-of-fold predictions hold one class only: threshold=fold_ba cannot "
-                              f"place its threshold; use cv_ba or a number")
-        out[int(k)] = calibrated_ba_threshold(g["label"].to_numpy(), g["prob"].to_numpy())
-    return out
+    try:
+        return fold_ba_thresholds(oof["label"].to_numpy(), oof["prob"].to_numpy(), oof["fold"].to_numpy())
+    except ValueError as e:
+        raise ConfigError(f"{e}: threshold=fold_ba cannot place its threshold; use cv_ba or a number") from None
 
 
 def choose_threshold(spec: str, train_run_id: str) -> tuple[float, dict[int, float] | None]:

@@ -1,5 +1,6 @@
-"""Folds side by side: `train_cv -P fold_jobs=N` trains N folds at a time in separate processes
-on the same device (a GPU, or on a CPU each with its share of the cores).
+"""Folds side by side: `train_cv -P fold_jobs=N` trains N folds at a time in separate processes,
+spread round-robin over the GPUs `devices` names (pipelines/placement.py: several jobs share a GPU
+when there are more jobs than GPUs), or on a CPU each with its share of the cores.
 
 Each job is train_cv with the parent's resolved config, restricted to its folds, started with the parent's run id
 in `FOLD_JOB_PARENT` (so it trains nested fold runs under that parent and never ends it) and its
@@ -10,10 +11,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from data_tools.errors import UserError
 from pipelines.children import THREADS_ENV, child_env, thread_share
+from pipelines.placement import VISIBLE, gpu_env, round_robin
 
 FOLD_JOB_PARENT = "MITOCLASS_FOLD_JOB_PARENT"  # set by the spawning train_cv, read by its fold jobs
 
@@ -34,19 +37,38 @@ def job_argv(params: dict[str, str], folds: list[int]) -> list[str]:
     return [token for name, value in values.items() if value != "" for token in (f"--{name}", value)]
 
 
-def run_fold_jobs(params: dict[str, str], folds: list[int], jobs: int, parent_id: str, experiment_id: str,
-                  logs: Path) -> None:
-    """Train `folds` in `jobs` processes under `parent_id`; raises FoldJobError naming a failed job's log."""
+@dataclass
+class FoldJob:
+    folds: list[int]
+    command: list[str]
+    env: dict[str, str]
+    log: Path
+
+
+def plan_fold_jobs(params: dict[str, str], folds: list[int], jobs: int, parent_id: str, experiment_id: str,
+                   logs: Path, gpus: list[str]) -> list[FoldJob]:
+    """One job per fold group, each with its command, its environment (its GPU, round-robin over `gpus`;
+    its share of the cores) and its log."""
     groups = split_folds(folds, jobs)
+    threads = thread_share(len(groups))
+    return [FoldJob(group, [sys.executable, "-m", "pipelines.train_cv", *job_argv(params, group)],
+                    child_env(experiment_id, threads=threads, **{FOLD_JOB_PARENT: parent_id}, **gpu_env(gpu)),
+                    logs / f"fold-job-{'-'.join(map(str, group))}.log")
+            for group, gpu in zip(groups, round_robin(len(groups), gpus))]
+
+
+def run_fold_jobs(params: dict[str, str], folds: list[int], jobs: int, parent_id: str, experiment_id: str,
+                  logs: Path, gpus: list[str] = ()) -> None:
+    """Train `folds` in `jobs` processes under `parent_id`, spread over `gpus` (none: a CPU); raises
+    FoldJobError naming a failed job's log."""
     logs.mkdir(parents=True, exist_ok=True)
-    env = child_env(experiment_id, threads=thread_share(len(groups)), **{FOLD_JOB_PARENT: parent_id})
     running = []
-    for group in groups:
-        log = logs / f"fold-job-{'-'.join(map(str, group))}.log"
+    for job in plan_fold_jobs(params, folds, jobs, parent_id, experiment_id, logs, list(gpus)):
+        group, log = job.folds, job.log
         out = open(log, "w")
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines.train_cv", *job_argv(params, group)], env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-        print(f"fold job {proc.pid}: folds {group}, {env[THREADS_ENV]} thread(s), log {log}", flush=True)
+        proc = subprocess.Popen(job.command, env=job.env, stdout=out, stderr=subprocess.STDOUT)
+        where = f", GPU {job.env[VISIBLE]}" if VISIBLE in job.env and gpus else ""
+        print(f"fold job {proc.pid}: folds {group}, {job.env[THREADS_ENV]} thread(s){where}, log {log}", flush=True)
         running.append((group, proc, out, log))
     failed = []
     for group, proc, out, log in running:

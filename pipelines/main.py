@@ -1,13 +1,19 @@
 """main: the whole workflow for a profile, each step a child process with its own run, linked to one workflow run.
 
 prepare_data -> generator_pretrain -> generator_finetune -> synthesize -> train_cv for
-every backbone x regime -> evaluate -> report. A step whose finished run has the same
+every backbone x regime (`tune_first`: each backbone's rows with its tune study's best trial)
+-> evaluate -> report. A step whose finished run has the same
 parameters, code version and data digest is reused, not run again, so a workflow killed
 halfway and started again goes on where it stopped. Steps that do not depend on each other
 (the stores; the generator chain beside real-only training) run side by side, `jobs` at a time,
-each with its share of the cores. The console shows a line per step (its headline result) and
-one status line; each step's own output goes to `logs/workflow-<id>/<step>.log`, also logged
-with the step's run.
+each on a GPU of its own where there are several (`devices`, pipelines/placement.py), each with its
+share of the cores. The console shows a line per step (its headline result) and one status line;
+each step's own output goes to `logs/workflow-<id>/<step>.log`, also logged with the step's run.
+
+`executor=slurm` submits every step as a Slurm job instead, after the jobs it depends on, with the
+resources of the profile's `slurm` section, and returns with the job ids (`wait=true`: follows
+them with this console); `executor=local` runs those same jobs as processes here
+(pipelines/submission.py). Finished steps are reused the same way.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from analysis import keys
-from data_tools.errors import UserError
+from data_tools.errors import ConfigError, UserError
 from data_tools.params import param
 from data_tools.store import open_store
 from pipelines.children import thread_share
@@ -31,7 +37,12 @@ from pipelines.console import Console
 from pipelines.demo_data import DEMO, demo_stores
 from pipelines.generator_pretrain import GeneratorPretrainConfig
 from pipelines.launch import LOGS_DIR, launch
+from pipelines.placement import Slots, gpus
+from pipelines.preflight import check_paths, check_tracking
 from pipelines.prepare_data import PrepareDataConfig
+from pipelines.slurm import SlurmConfig
+from pipelines.submission import EXECUTORS, PROCESS, SLURM, Submission
+from pipelines.train_cv import TrainCVConfig
 
 
 @dataclass
@@ -46,6 +57,8 @@ class Workflow:
     logs: Path = Path(LOGS_DIR)
     timings: dict[str, float] = field(default_factory=dict)
     threads: int = field(default_factory=lambda: thread_share(1))  # each step's threads
+    slots: Slots = field(default_factory=lambda: Slots([]))  # the GPUs steps side by side are placed on
+    submission: Submission | None = None  # steps as jobs of a scheduler (executor=local|slurm)
 
     def finished_run(self, step: str, params: dict[str, str], data: str | None) -> str | None:
         """The newest finished run of `step` with these params, this code version and data digest."""
@@ -61,21 +74,29 @@ class Workflow:
                 return run.info.run_id
         return None
 
-    def step(self, step: str, data: str | None = None, label: str | None = None, **params: str) -> str:
-        """Run one entry point (or reuse its finished run); returns the run id."""
+    def step(self, step: str, data: str | None = None, label: str | None = None, after_all: bool = False,
+             **params: str) -> str:
+        """Run one entry point (or reuse its finished run); returns the run id. Submitted (executor=local|slurm):
+        its job is queued after those that make its inputs (`after_all`: after every job so far) and the run id
+        returned at once; a step whose inputs a queued job makes is never reused."""
         params = {"profile": self.profile, **({"data": data} if data else {}),
                   **{k: str(v) for k, v in params.items() if v not in (None, "")}}
         label = label or step
         console = self.console or Console(0)
-        reused = self.finished_run(step, params, data)
+        pending = self.submission is not None and (self.submission.waits_on(params) or
+                                                   (after_all and bool(self.submission.all)))
+        reused = None if pending else self.finished_run(step, params, data)
         if reused:
             console.reuse(label, reused)
             return reused
         log = self.logs / f"{label.replace(' ', '_').replace('/', '-')}.log"
+        if self.submission is not None:
+            return self.submission.submit(step, params, label, log, after_all)
         console.start(label, log)
         start = time.time()
-        run_id, code = launch(self.client, self.experiment_id, step, params, {keys.WORKFLOW_RUN: self.parent_run_id},
-                              log, self.threads)
+        with self.slots.slot() as gpu:
+            run_id, code = launch(self.client, self.experiment_id, step, params,
+                                  {keys.WORKFLOW_RUN: self.parent_run_id}, log, self.threads, gpu)
         seconds = time.time() - start
         self.timings[step] = self.timings.get(step, 0.0) + seconds
         if code != 0:
@@ -104,6 +125,8 @@ def headline(client: MlflowClient, run) -> str:
         return f"test AUROC {pct(test['auroc'])}, BA {pct(test['ba'])} on {run.data.tags.get(keys.TEST_SET, 'the test set')}"
     if step == keys.PREPARE_DATA and keys.N_IMAGES in m:
         return f"{int(m[keys.N_IMAGES])} crops"
+    if step == keys.TUNE and keys.BEST_VALUE in m:
+        return f"best mean val AUROC {pct(keys.BEST_VALUE)} (trial {run.data.tags.get(keys.BEST_TRIAL)})"
     if step == keys.GENERATOR_PRETRAIN and keys.DIT_LOSS in m:
         return f"DiT loss {m[keys.DIT_LOSS]:.4f}"
     kid = keys.quality_metric(keys.KID, "atypical")
@@ -124,7 +147,17 @@ class MainConfig(StepConfig):
                       "pool from prepare_data source=sliderunner|midogpp)")
     stores: str = param("folder for the stores the workflow writes")
     backbones: str = param("comma-separated backbones, one train_cv row per backbone and regime")
-    jobs: int = param("steps run side by side when they do not depend on each other", identity=False)
+    jobs: str = param("steps run side by side when they do not depend on each other: auto (one per GPU of "
+                      "`devices`; on a CPU 2) or a number", identity=False)
+    devices: str = param("GPUs the steps side by side are placed on, round-robin: auto (every visible GPU) or a "
+                         "list such as 0,1,3", identity=False)
+    executor: str = param("process (each step a child process of main, here) | slurm (each step a Slurm job "
+                          "through submitit, resources from the profile's slurm section) | local (those jobs as "
+                          "processes here)", choices=EXECUTORS, identity=False)
+    wait: bool = param("executor=slurm: follow the jobs to the end with main's console (false: return once they are "
+                       "queued, with their ids)", identity=False)
+    tune_first: bool = param("run tune for each backbone first and train every row with its study's best trial "
+                             "(train_cv from_study)")
     pool_size: int = param("demo: crops of the generator's pretraining pool")
     test_size: int = param("demo: crops of the held-out test store")
 
@@ -158,11 +191,45 @@ def prepare_stores(flow: Workflow, pool: ThreadPoolExecutor, cfg: MainConfig) ->
                                 overwrite="true", **params))
     for done in todo:
         done.result()
-    gen_pool = gen_pool or build(GeneratorPretrainConfig, cfg.profile).data
-    if not Path(gen_pool).joinpath("manifest.json").is_file():
-        raise SystemExit(f"no generator pretraining pool at {gen_pool!r}: build one first, e.g. "
-                         f"mlflow run . -e prepare_data -P source=sliderunner -P root=<db.sqlite> -P out={gen_pool}")
-    return data, test_data, gen_pool
+    return data, test_data, gen_pool or outside_pool(cfg)
+
+
+def outside_pool(cfg: MainConfig) -> str:
+    """The generator's pretraining pool when main does not build it (given, or the profile's), checked
+    before any step runs; "" when the demo builds one."""
+    prep = build(PrepareDataConfig, cfg.profile, source=cfg.source, root=cfg.root)
+    pool = cfg.pool or ("" if prep.source == DEMO else build(GeneratorPretrainConfig, cfg.profile).data)
+    if pool and not Path(pool).joinpath("manifest.json").is_file():
+        raise SystemExit(f"no generator pretraining pool at {pool!r}: build one first, e.g. "
+                         f"mlflow run . -e prepare_data -P source=sliderunner -P root=<db.sqlite> -P out={pool}")
+    return pool
+
+
+def side_by_side(jobs: str, on: list[str]) -> int:
+    """Steps at a time: `auto` is one per GPU, or on a CPU 2 (the generator chain beside real-only training)."""
+    if jobs == "auto":
+        return len(on) or 2
+    if not jobs.isdigit() or int(jobs) < 1:
+        raise ConfigError(f"jobs={jobs!r}: give auto or a number of steps at a time, e.g. jobs=2")
+    return int(jobs)
+
+
+def submission(cfg: MainConfig, flow: Workflow, jobs: int, on: list[str], console: Console) -> Submission:
+    """The scheduler's side of the workflow (executor=local|slurm): its folders absolute (a job starts
+    elsewhere), train_cv's folds, and here `jobs` at a time on the GPUs `on`."""
+    slurm = build(SlurmConfig, cfg.profile)
+    slurm.folder = str(Path(slurm.folder).resolve())
+    prep = build(PrepareDataConfig, cfg.profile, source=cfg.source, root=cfg.root)
+    return Submission(cfg.executor, slurm, flow.client, flow.experiment_id, flow.parent_run_id,
+                      build(TrainCVConfig, cfg.profile).folds, prep.folds, jobs=jobs, slots=Slots(on),
+                      threads=thread_share(jobs), say=console.line)
+
+
+def check_before_submitting(cfg: MainConfig) -> None:
+    """executor=slurm: what a job on another node needs, checked before anything is queued (pipelines/preflight.py)."""
+    check_paths({name: getattr(cfg, name) for name in ("data", "test_data", "pool", "root")},
+                {"stores": cfg.stores})
+    check_tracking(mlflow.get_tracking_uri())
 
 
 def generator(flow: Workflow, gen_pool: str, data: str) -> str:
@@ -172,11 +239,12 @@ def generator(flow: Workflow, gen_pool: str, data: str) -> str:
     return flow.step(keys.SYNTHESIZE, finetune_run_id=finetune)
 
 
-def classifier(flow: Workflow, data: str, test_data: str, backbone: str, regime: str, synth: str = "") -> None:
-    """train_cv for one backbone x regime, then its evaluation on the test store."""
+def classifier(flow: Workflow, data: str, test_data: str, backbone: str, regime: str, synth: str = "",
+               study: str = "") -> None:
+    """train_cv for one backbone x regime (with a tune study's best trial, if any), then its evaluation."""
     row = f"{backbone}/{regime}"
     train = flow.step(keys.TRAIN_CV, data=data, label=f"train_cv {row}", backbone=backbone, regime=regime,
-                      synth_run_id=synth)
+                      synth_run_id=synth, from_study=study)
     if test_data:
         flow.step(keys.EVALUATE, label=f"evaluate {row}", train_run_id=train, test_data=test_data)
 
@@ -186,7 +254,8 @@ def planned_steps(cfg: MainConfig) -> int:
     demo = build(PrepareDataConfig, cfg.profile, source=cfg.source, root=cfg.root).source == "demo"
     rows = 2 * len(cfg.backbones.split(","))
     stores = (not cfg.data) + (demo and not cfg.test_data) + (demo and not cfg.pool)
-    return stores + 3 + rows + (rows if cfg.test_data or demo else 0) + 1
+    tunes = len(cfg.backbones.split(",")) if cfg.tune_first else 0
+    return stores + 3 + tunes + rows + (rows if cfg.test_data or demo else 0) + 1
 
 
 def comparison_url(ui: str, experiment_id: str) -> str:
@@ -208,31 +277,53 @@ def main(argv: list[str] | None = None) -> str:
     cfg = from_cli(MainConfig, argv, __doc__)
     if Path(cfg.profile).is_file():  # steps run in the project folder: give them the file's absolute path
         cfg.profile = str(Path(cfg.profile).resolve())
+    cfg.stores = str(Path(cfg.stores).resolve())  # the workflow's own folder, wherever its steps run
+    on = gpus(cfg.devices)
+    jobs = side_by_side(cfg.jobs, on)
+    submitting = cfg.executor != PROCESS
+    outside_pool(cfg)
+    if cfg.executor == SLURM:
+        check_before_submitting(cfg)
     started = time.time()
     with step_run(keys.MAIN, cfg.profile, run_name=f"workflow {cfg.profile}") as run, \
             Console(planned_steps(cfg)) as console:
         logs = Path(LOGS_DIR) / f"workflow-{run.info.run_id[:8]}"
-        flow = Workflow(cfg.profile, run.info.run_id, run.info.experiment_id, console=console, logs=logs,
-                        threads=thread_share(cfg.jobs))  # steps side by side share the cores
+        flow = Workflow(cfg.profile, run.info.run_id, run.info.experiment_id, console=console,
+                        logs=logs.resolve() if submitting else logs, threads=thread_share(jobs), slots=Slots(on))
+        if submitting:
+            flow.submission = submission(cfg, flow, jobs, on, console)
         experiment = flow.client.get_experiment(run.info.experiment_id).name
         console.line(f"[main] workflow {run.info.run_id} ({console.total} steps) in experiment {experiment!r}; "
-                     f"each step's output: {logs}/")
-        mlflow.log_param(keys.P_JOBS, cfg.jobs)
-        with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:
+                     f"each step's output: {flow.logs}/")
+        mlflow.log_params({keys.P_JOBS: jobs, keys.P_EXECUTOR: cfg.executor})
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
             try:
                 data, test_data, gen_pool = prepare_stores(flow, pool, cfg)
                 # the generator chain is the longest path: it goes first, real-only training beside it
                 synth = pool.submit(generator, flow, gen_pool, data)
                 backbones = cfg.backbones.split(",")
-                arms = [pool.submit(classifier, flow, data, test_data, b, keys.REAL_ONLY) for b in backbones]
-                arms += [pool.submit(classifier, flow, data, test_data, b, keys.SYNTH_BALANCED, synth.result())
-                         for b in backbones]
+                studies = {b: pool.submit(flow.step, keys.TUNE, data=data, label=f"tune {b}", backbone=b)
+                           for b in backbones if cfg.tune_first}
+                studies = {b: studies[b].result() if b in studies else "" for b in backbones}
+                arms = [pool.submit(classifier, flow, data, test_data, b, keys.REAL_ONLY, study=studies[b])
+                        for b in backbones]
+                arms += [pool.submit(classifier, flow, data, test_data, b, keys.SYNTH_BALANCED, synth.result(),
+                                     studies[b]) for b in backbones]
                 for arm in arms:
                     arm.result()
             except BaseException:  # a failed step: what has not started never starts; running steps finish
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
-        report = flow.step(keys.REPORT)
+        report = flow.step(keys.REPORT, after_all=True)
+        if submitting:
+            mlflow.set_tag(keys.SUBMITTED_JOBS, flow.submission.job_ids()[:5000])
+            if cfg.executor == SLURM and not cfg.wait:
+                print(f"[main] submitted {len(flow.submission.all)} job(s): {flow.submission.job_ids() or 'none'}; "
+                      f"follow them with squeue --me, their runs in MLflow (workflow {run.info.run_id}); "
+                      f"each job's output: {flow.logs}/")
+                return run.info.run_id
+            flow.submission.follow(console, headline)
+            flow.timings = flow.submission.timings
         mlflow.log_metrics({keys.seconds_metric(k): v for k, v in flow.timings.items()})
         mlflow.log_metric(keys.SECONDS_TOTAL, time.time() - started)
     print_report(flow.client, report)

@@ -2,7 +2,8 @@
 
 Source-specific options are passed as extra `--name value` arguments (with `mlflow run`:
 `-P name=value`), e.g. `--slides /data/slides --mitosis_class "Mitotic figure"` for
-sliderunner; `data_tools.ingest.adapter_options(source)` lists them.
+sliderunner; `data_tools.ingest.adapter_options(source)` lists them. `source=stores` builds one
+store from several stores (`stores=a,b`; `data_tools.merge`), duplicates listed in duplicates.csv.
 """
 from __future__ import annotations
 
@@ -19,17 +20,21 @@ from analysis import keys
 from data_tools.grids import save_grids
 from data_tools.folds import SPLITS
 from data_tools.ingest import ADAPTERS, adapter_options, ingest, prepare_out
+from data_tools.merge import ON_CONFLICT, SOURCE as STORES, merge_stores
 from data_tools.params import param
-from data_tools.store import Store
+from data_tools.store import Store, open_store
 from pipelines.common import cli_step, log_params, log_store, step_run
 from pipelines.config import StepConfig, as_params, build, parser
+
+SOURCES = tuple(sorted([*ADAPTERS, STORES]))
 
 
 @dataclass
 class PrepareDataConfig(StepConfig):
-    source: str = param(f"one of {', '.join(sorted(ADAPTERS))}", choices=tuple(sorted(ADAPTERS)))
+    source: str = param(f"one of {', '.join(SOURCES)} (stores: one store from those listed in stores)",
+                        choices=SOURCES)
     root: str = param("where the raw source lies (file or folder)")
-    out: str = param("store folder to write (default stores/<source>)")
+    out: str = param("store folder to write (default stores/<source>; source=stores: stores/merged)")
     folds: int = param("CV folds with split=group (0: no CV pool, e.g. a test set, whatever the split)")
     split: str = param("group (folds grouped by slide, stratified by label) | lodo (one fold per value of split_by)",
                        choices=SPLITS)
@@ -38,6 +43,10 @@ class PrepareDataConfig(StepConfig):
     seed: int = param("seed of the fold assignment (and of the demo crops)")
     on_error: str = param("raise | skip (skipped items are listed in the run's skipped.csv)", choices=("raise", "skip"))
     size: int | None = param("demo only: number of crops")
+    stores: str = param("source=stores: the stores to merge, comma-separated; of a figure found in several, the "
+                        "earliest listed store's copy is kept (duplicates.csv lists every pair)")
+    on_conflict: str = param("source=stores: copies of one figure with different labels: raise (a one-line error "
+                             "naming them) | drop (every copy dropped, listed)", choices=ON_CONFLICT)
     overwrite: bool = param("replace an existing store at out (in one atomic step); without it, an existing out "
                             "is an error", identity=False)
 
@@ -56,6 +65,10 @@ def main(argv: list[str] | None = None) -> Store:
         cfg = build(PrepareDataConfig, args.pop("profile"), **args)
     except ValueError as e:
         p.error(str(e))
+    if cfg.source == STORES:
+        return _merge(p, cfg, extra)
+    if cfg.stores:
+        p.error(f"stores={cfg.stores!r} is read only with source=stores (this run's source: {cfg.source})")
     out = Path(cfg.out or f"stores/{cfg.source}")
     options = {"size": cfg.size} if cfg.source == "demo" and cfg.size else {}
     options.update(_extra_options(p, extra))
@@ -74,18 +87,52 @@ def main(argv: list[str] | None = None) -> Store:
                                 on_error=cfg.on_error, split=cfg.split, split_by=cfg.split_by,
                                 min_domain_size=cfg.min_domain_size, overwrite=cfg.overwrite,
                                 on_skipped=_log_skipped, **options)
-        log_store(store, "training")
-        m = store.manifest
-        mlflow.log_metrics({keys.N_IMAGES: m["n"], keys.N_SKIPPED: len(skipped),
-                            **{f"n_{k}": v for k, v in m["per_class"].items()}})
-        mlflow.log_dict(m, keys.MANIFEST_JSON)
-        if save_grids(store, store.path / keys.GRIDS_DIR, seed=cfg.seed):
-            mlflow.log_artifacts(str(store.path / keys.GRIDS_DIR), keys.GRIDS_DIR)
-    print(f"store {store.path} ({m['n']} crops, {m['image_size'][0]}x{m['image_size'][1]}), digest {store.digest[:12]}")
-    print(json.dumps({k: m[k] for k in ("per_class", "per_domain", "per_fold", "n_groups")}, indent=1))
+        _log_result(store, cfg.seed, {keys.N_SKIPPED: len(skipped)})
     if len(skipped):
         print(f"skipped {len(skipped)} items (listed in the run's {keys.SKIPPED_CSV})")
     return store
+
+
+def _merge(p, cfg: PrepareDataConfig, extra: list[str]) -> Store:
+    """source=stores: one store from the stores listed (data_tools.merge); the parents are the run's inputs."""
+    if extra or cfg.root:
+        p.error("source=stores reads no root and takes no source options; list the stores: stores=<store>,<store>")
+    out = Path(cfg.out or "stores/merged")
+    prepare_out(out, cfg.overwrite)
+    if out.exists():
+        print(f"replacing {out} (overwrite=true)", file=sys.stderr)
+    with step_run(keys.PREPARE_DATA, cfg.profile, run_name=f"prepare {out.name}"):
+        log_params({**as_params(cfg), "out": str(out)})
+        store, duplicates = merge_stores(cfg.stores, out, folds=cfg.folds, seed=cfg.seed, split=cfg.split,
+                                         split_by=cfg.split_by, min_domain_size=cfg.min_domain_size,
+                                         on_conflict=cfg.on_conflict, overwrite=cfg.overwrite,
+                                         on_duplicates=_log_duplicates)
+        for i, parent in enumerate(store.manifest["provenance"]["parents"], start=1):
+            log_store(open_store(parent["path"]), keys.parent_context(i))
+        dropped = store.manifest["provenance"]["dropped"]
+        _log_result(store, cfg.seed, {keys.N_DUPLICATES: len(dropped["duplicate"]),
+                                      keys.N_LABEL_CONFLICTS: len(dropped["label_conflict"])})
+    print(f"{len(duplicates)} duplicate pairs across the stores: {len(dropped['duplicate'])} copies dropped, "
+          f"{len(dropped['label_conflict'])} dropped for conflicting labels (the run's {keys.DUPLICATES_CSV})")
+    return store
+
+
+def _log_result(store: Store, seed: int, metrics: dict[str, int]) -> None:
+    """What every prepare_data run logs and prints of the store it wrote: counts, manifest, grids."""
+    log_store(store, "training")
+    m = store.manifest
+    mlflow.log_metrics({keys.N_IMAGES: m["n"], **metrics, **{f"n_{k}": v for k, v in m["per_class"].items()}})
+    mlflow.log_dict(m, keys.MANIFEST_JSON)
+    if save_grids(store, store.path / keys.GRIDS_DIR, seed=seed):
+        mlflow.log_artifacts(str(store.path / keys.GRIDS_DIR), keys.GRIDS_DIR)
+    print(f"store {store.path} ({m['n']} crops, {m['image_size'][0]}x{m['image_size'][1]}), digest {store.digest[:12]}")
+    print(json.dumps({k: m[k] for k in ("per_class", "per_domain", "per_fold", "n_groups")}, indent=1))
+
+
+def _log_duplicates(duplicates: pd.DataFrame) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        duplicates.to_csv(Path(tmp) / keys.DUPLICATES_CSV, index=False)
+        mlflow.log_artifact(str(Path(tmp) / keys.DUPLICATES_CSV))
 
 
 def _log_skipped(skipped: pd.DataFrame) -> None:

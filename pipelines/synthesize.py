@@ -6,7 +6,11 @@ atypical count). Each store's manifest carries the provenance train_cv checks (g
 run, fold, real store digest, digest of the ids the generator trained on). Logs, per fold:
 the store path and digest (params `store_fold<k>`, `digest_fold<k>`), images/s, KID/FID per
 class against the fold's real training crops, the memorisation check, and grids (real vs
-synthetic per class, closest synthetic/training pairs).
+synthetic per class, closest synthetic/training pairs). What the KID/FID were computed on is
+in their names and, in words, in the run's `quality_features` tag: the descriptor features by
+default; with `features=descriptor,inception`, torchvision's ImageNet Inception-v3 features, or,
+given the standard FID Inception weights (`fid_weights=<file>`), the FID of published values
+(models/generator_quality.py).
 """
 from __future__ import annotations
 
@@ -21,13 +25,15 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from analysis import keys, runs
+from data_tools.errors import ConfigError
 from data_tools.params import param
 from data_tools.constants import ATYPICAL, LABEL_NAMES, NORMAL
 from data_tools.folds import balance_count
 from data_tools.provenance import LeakageError, fold_train_ids, ids_digest, synthetic_provenance
 from data_tools.store import Store, StoreError, open_store, write_store
 from models.generator import Generator, reconstruct
-from models.generator_quality import quality_report
+from models.classifier import file_sha256
+from models.generator_quality import FEATURE_SETS, feature_set, fid_inception, quality_report
 from models.sampling import SAMPLERS, generate
 from models.checkpoint import resolve_device
 from pipelines.common import cli_step, log_params, log_store, step_run
@@ -60,7 +66,10 @@ class SynthConfig(StepConfig):
     seed: int = param("crop i of fold k has seed seed + 1,000,000 k + i")
     batch_size: int = param("sampling batch size", identity=False)
     quality_max: int = param("crops per class the KID/FID and memorisation checks use")
-    features: str = param("KID/FID features: descriptor, or descriptor,inception (a download)")
+    features: str = param("KID/FID features: descriptor, or descriptor,inception (Inception-v3: the FID network "
+                          "with fid_weights, else torchvision's ImageNet one, a download)")
+    fid_weights: str = param("the standard FID Inception-v3 weights file (torch-fidelity's weights-inception-2015-12-05"
+                             "-6726825d.pth): with features=...,inception the FID of published values; empty: none")
     out: str = param("root folder; stores go to <out>/<run id>/fold<k>", identity=False)
     device: str = param("auto | cpu | cuda", identity=False)
 
@@ -69,6 +78,15 @@ class SynthConfig(StepConfig):
     @property
     def feature_list(self) -> tuple[str, ...]:
         return tuple(f.strip() for f in self.features.split(",") if f.strip())
+
+    def feature_sets(self) -> list[str]:
+        """What the KID/FID are computed on (models.generator_quality.FEATURE_SETS); a bad word, or
+        fid_weights without the inception features, is an error before anything is generated."""
+        sets = [feature_set(f, self.fid_weights or None) for f in self.feature_list]
+        if self.fid_weights and "inception" not in self.feature_list:
+            raise ConfigError(f"fid_weights={self.fid_weights} is given but features={self.features} has no "
+                              f"inception: give features=descriptor,inception (or no fid_weights)")
+        return sets
 
 
 CONFIG = SynthConfig
@@ -94,7 +112,7 @@ def synthesize_fold(cfg: SynthConfig, real: Store, k: int, gen: Generator, gener
     device = str(next(gen.vae.parameters()).device)
     metrics, grids = quality_report(images, labels, real.images[train_rows], real.index["label"].to_numpy()[train_rows],
                                     reference, max_n=cfg.quality_max, seed=cfg.seed, features=cfg.feature_list,
-                                    device=device)
+                                    device=device, fid_weights=cfg.fid_weights or None)
     metrics[keys.IMAGES_PER_SECOND] = len(images) / max(seconds, 1e-9)
     metrics.update({f"n_{LABEL_NAMES[c]}": int((labels == c).sum()) for c in (ATYPICAL, NORMAL)})
     return store, metrics, grids
@@ -104,6 +122,9 @@ def synthesize_fold(cfg: SynthConfig, real: Store, k: int, gen: Generator, gener
 def main(argv: list[str] | None = None) -> str:
     cfg = from_cli(SynthConfig, argv, __doc__)
     device = resolve_device(cfg.device)
+    sets = cfg.feature_sets()
+    if cfg.fid_weights:
+        fid_inception(cfg.fid_weights, str(device))  # a missing or wrong file fails now, not after sampling
     client = MlflowClient()
     finetune = runs.get_run(client, cfg.finetune_run_id, keys.GENERATOR_FINETUNE)
     folds = generator_fold_runs(client, cfg.finetune_run_id)
@@ -116,7 +137,9 @@ def main(argv: list[str] | None = None) -> str:
         run_id = run.info.run_id
         out_root = Path(cfg.out).resolve() / run_id
         log_params({**as_params(cfg), keys.P_PRETRAIN_RUN_ID: finetune.data.params.get(keys.P_PRETRAIN_RUN_ID, ""),
-                    keys.P_FOLDS: ",".join(map(str, folds))})
+                    keys.P_FOLDS: ",".join(map(str, folds)),
+                    **({keys.P_FID_WEIGHTS_SHA256: file_sha256(Path(cfg.fid_weights))} if cfg.fid_weights else {})})
+        mlflow.set_tag(keys.QUALITY_FEATURES, "; ".join(FEATURE_SETS[s] for s in sets))
         log_store(real, "training")
         per_fold: list[dict[str, float]] = []
         for k, fold_run_id in folds.items():

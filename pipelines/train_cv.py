@@ -35,6 +35,7 @@ from data_tools.folds import select_folds
 from data_tools.provenance import check_synthetic_for_fold
 from data_tools.params import param
 from data_tools.store import Store, open_store
+from models.checkpoint import resolve_device
 from models.metrics import mean_and_population_sd
 from models.training import FoldResult, TrainConfig, train_fold
 from pipelines.common import (cli_step, code_version, log_params, log_store, mark_training_experiment, shared_write,
@@ -43,7 +44,10 @@ from pipelines.classifier_runs import parent_params
 from pipelines.config import StepConfig, as_params, from_cli, identity
 from pipelines.demo_data import open_data
 from pipelines.fold_jobs import FOLD_JOB_PARENT, run_fold_jobs
+from pipelines.fold_model import log_fold_model, validation_dataset
 from pipelines.joining import open_parent
+from pipelines.orphans import end_orphaned_runs, process_tags
+from pipelines.placement import device_tag, gpus
 
 
 @dataclass
@@ -52,9 +56,13 @@ class TrainCVConfig(StepConfig, TrainConfig):
     regime: str = param("real_only | synth_balanced", choices=keys.REGIMES)
     synth_run_id: str = param("synthesize run whose fold k store is added to fold k's training split (synth_balanced)")
     folds: str = param("all, or a list such as 1,3 (jobs with other folds join the same parent)", identity=False)
-    fold_jobs: int = param("folds trained at a time, each in its own process on the same device (a CPU's cores "
+    fold_jobs: int = param("folds trained at a time, each in its own process, spread over `devices` (a CPU's cores "
                            "are shared out)", identity=False)
+    devices: str = param("GPUs the fold jobs are placed on, round-robin: auto (every visible GPU) or a list such as "
+                         "0,1,3; several jobs share a GPU when there are more jobs than GPUs", identity=False)
     workroot: str = param("local folder for the resumable fold state", identity=False)
+    from_study: str = param("a tune run id or study name: train with its best trial's values of the searched fields "
+                            "(values given explicitly win)", identity=False)
 
     STEP = keys.TRAIN_CV
 
@@ -125,9 +133,12 @@ def _log_missing_epochs(client: MlflowClient, run_id: str, result: FoldResult) -
 
 def run_fold(cfg: TrainCVConfig, store: Store, k: int, synthetic: Store | None, parent_id: str, workdir: Path,
              resume_run_id: str | None) -> FoldResult:
-    """One nested fold run: train (or resume, or reuse the work folder), log curves and artifacts."""
+    """One nested fold run: train (or resume, or reuse the work folder), log curves and artifacts; the
+    best checkpoint as the run's LoggedModel (pipelines/fold_model.py)."""
     tags = {keys.STEP: keys.TRAIN_CV, keys.PROFILE: cfg.profile, keys.BACKBONE: cfg.backbone,
-            keys.REGIME: cfg.regime, keys.FOLD: str(k), keys.CODE_VERSION: code_version(), keys.DEVICE: cfg.device}
+            keys.REGIME: cfg.regime, keys.FOLD: str(k), keys.CODE_VERSION: code_version(),
+            keys.DEVICE: device_tag(resolve_device(cfg.device)),
+            **process_tags()}
     with mlflow.start_run(run_id=resume_run_id, run_name=f"fold {k}", parent_run_id=parent_id, nested=True,
                           tags=tags, log_system_metrics=True) as run:
         mlflow.set_tag(keys.DATASET_DIGEST, store.digest)
@@ -136,11 +147,16 @@ def run_fold(cfg: TrainCVConfig, store: Store, k: int, synthetic: Store | None, 
         result = train_fold(cfg, store, k, synthetic, workdir,
                             on_epoch=lambda epoch, m: mlflow.log_metrics(keys.epoch_metrics(m), step=epoch))
         _log_missing_epochs(MlflowClient(), run.info.run_id, result)
-        log_params({keys.P_N_TRAIN_REAL: result.n_train_real, keys.P_N_TRAIN_SYNTHETIC: result.n_train_synthetic,
-                    keys.P_N_VAL: result.n_val})
-        mlflow.log_metrics({keys.BEST_VAL_AUROC: result.best_val_auroc, keys.BEST_VAL_BA: result.best_val_ba,
-                            keys.BEST_EPOCH: result.best_epoch})
-        mlflow.log_artifacts(str(result.checkpoint), keys.CHECKPOINT_DIR)
+        sizes = {keys.P_N_TRAIN_REAL: result.n_train_real, keys.P_N_TRAIN_SYNTHETIC: result.n_train_synthetic,
+                 keys.P_N_VAL: result.n_val}
+        log_params(sizes)
+        log_params({keys.P_PRECISION: result.precision})  # what `precision` (parent: as asked) resolved to here
+        mlflow.log_metric(keys.BEST_EPOCH, result.best_epoch)
+        log_fold_model(k, result.checkpoint, result.best_epoch,
+                       {keys.BEST_VAL_AUROC: result.best_val_auroc, keys.BEST_VAL_BA: result.best_val_ba},
+                       dataset=validation_dataset(store, k), params={**as_params(cfg, identity_only=True), **sizes},
+                       tags={**{t: tags[t] for t in (keys.STEP, keys.BACKBONE, keys.REGIME, keys.FOLD)},
+                             keys.DATASET_DIGEST: store.digest})
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / keys.VAL_PREDICTIONS
             result.val_predictions.to_csv(path, index=False)
@@ -195,7 +211,8 @@ def find_parent(cfg: TrainCVConfig, store: Store, folds: list[int], key: str) ->
 
 
 @contextlib.contextmanager
-def parent_run(cfg: TrainCVConfig, store: Store, parent: Parent, key: str) -> Iterator[mlflow.ActiveRun]:
+def parent_run(cfg: TrainCVConfig, store: Store, parent: Parent, key: str,
+               study: StudyPick | None = None) -> Iterator[mlflow.ActiveRun]:
     """The parent as the active run, with its tags, params (a joined parent keeps its scope) and data."""
     client = MlflowClient()
     params = parent_params(cfg, store)
@@ -205,7 +222,7 @@ def parent_run(cfg: TrainCVConfig, store: Store, parent: Parent, key: str) -> It
     tags = {keys.STEP: keys.TRAIN_CV, keys.PROFILE: cfg.profile, keys.CODE_VERSION: code_version(),
             keys.BACKBONE: cfg.backbone, keys.REGIME: cfg.regime, keys.TRAIN_CV_KEY: key,
             keys.DATA_PATH: str(Path(cfg.data).resolve()), "mlflow.runName": run_name(cfg),
-            keys.DESCRIPTION: step_description(keys.TRAIN_CV, cfg.profile)}
+            keys.DESCRIPTION: step_description(keys.TRAIN_CV, cfg.profile), **process_tags(), **study_tags(study)}
     with mlflow.start_run(run_id=parent.run_id, nested=nested) as run:
         shared_write(lambda: mlflow.set_tags(tags))
         mark_training_experiment(run.info.experiment_id)
@@ -215,34 +232,78 @@ def parent_run(cfg: TrainCVConfig, store: Store, parent: Parent, key: str) -> It
         yield run
 
 
-def run_train_cv(cfg: TrainCVConfig) -> str:
-    """config -> parent -> folds (`fold_jobs` at a time) -> summary; returns the parent's id."""
+def run_train_cv(cfg: TrainCVConfig, study: StudyPick | None = None) -> str:
+    """config -> parent -> folds (`fold_jobs` at a time) -> summary; returns the parent's id.
+    `study`: the tune study whose best trial gave values (tags on the parent)."""
     store = open_data(cfg.data, cfg.profile, keys.TRAIN_CV)
     folds = select_folds(cfg.folds, store.folds)
     note_random_backbone(cfg)
     synthetic = synthetic_stores(cfg, store, folds)  # refuses leaking stores before anything runs
     key = experiment_key(cfg, store)
     parent = find_parent(cfg, store, folds, key)
+    if parent.owned:
+        end_orphaned_runs(MlflowClient(), runs.experiment_ids(MlflowClient())[0], keys.TRAIN_CV)
     if not parent.owned:
         train_folds(cfg, store, folds, synthetic, parent.run_id, key)
         return parent.run_id
-    with parent_run(cfg, store, parent, key) as run:
+    with parent_run(cfg, store, parent, key, study) as run:
         client = MlflowClient()
         finished = runs.fold_runs(client, parent.run_id)
         todo = [k for k in folds if k not in finished]
         if cfg.fold_jobs > 1 and len(todo) > 1:
-            run_fold_jobs(as_params(cfg), todo, cfg.fold_jobs, parent.run_id, run.info.experiment_id,
-                          Path(cfg.workroot) / key)
+            job_params = {k: v for k, v in as_params(cfg).items() if k != "from_study"}  # values already taken
+            run_fold_jobs(job_params, todo, cfg.fold_jobs, parent.run_id, run.info.experiment_id,
+                          Path(cfg.workroot) / key, gpus(cfg.devices, cfg.device))
         else:
             train_folds(cfg, store, folds, synthetic, parent.run_id, key)
         update_summary(client, parent.run_id)
     return parent.run_id
 
 
+@dataclass
+class StudyPick:
+    """The best trial of a tune study, whose values a train_cv run takes (`from_study`)."""
+    run_id: str
+    study: str
+    trial: str
+    values: dict[str, object]
+    backbone: str
+
+
+def study_tags(study: StudyPick | None) -> dict[str, str]:
+    if study is None:
+        return {}
+    return {keys.FROM_STUDY_RUN: study.run_id, keys.FROM_STUDY: study.study, keys.FROM_TRIAL: study.trial}
+
+
+def take_study_values(args: dict[str, str]) -> StudyPick | None:
+    """Fill the command line's unset fields with the best trial's values of `from_study` (a tune
+    run id or study name); a value given explicitly wins, and the console says so."""
+    if not args.get("from_study"):
+        return None
+    run = runs.study_run(MlflowClient(), args["from_study"])
+    pick = StudyPick(run.info.run_id, run.data.tags[keys.STUDY_TAG].rsplit("@", 1)[0], run.data.tags[keys.BEST_TRIAL],
+                     json.loads(run.data.tags[keys.BEST_PARAMS]), run.data.tags.get(keys.BACKBONE, ""))
+    for name, value in pick.values.items():
+        if args.get(name) not in (None, ""):
+            print(f"train_cv: {name}={args[name]} given explicitly, not study {pick.study}'s {value} "
+                  f"(trial {pick.trial})", flush=True)
+        else:
+            args[name] = str(value)
+    print(f"train_cv: from study {pick.study} (run {pick.run_id[:8]}), trial {pick.trial}: "
+          + ", ".join(f"{n}={args[n]}" for n in pick.values), flush=True)
+    return pick
+
+
 @cli_step(keys.TRAIN_CV)
 def main(argv: list[str] | None = None) -> str:
-    cfg = from_cli(TrainCVConfig, argv, __doc__)
-    parent = run_train_cv(cfg)
+    picked: list[StudyPick | None] = []
+    cfg = from_cli(TrainCVConfig, argv, __doc__, fill=lambda args: picked.append(take_study_values(args)))
+    study = picked[0] if picked else None
+    if study and study.backbone and study.backbone != cfg.backbone:
+        raise ConfigError(f"study {study.study} searched the recipe of {study.backbone}; this run trains "
+                          f"{cfg.backbone}: give -P backbone={study.backbone} or another study")
+    parent = run_train_cv(cfg, study)
     summary = MlflowClient().get_run(parent).data.metrics
     if keys.CV_AUROC_MEAN in summary:
         print(f"train_cv {run_name(cfg)}: CV AUROC {summary[keys.CV_AUROC_MEAN]:.4f} "

@@ -11,10 +11,15 @@ stack from a cold start (a fresh process: imports, five models, the stack, the a
 Then projects the wall time of the full Table 1 grid (2 backbones x 2 regimes x 5 folds x 25
 epochs on MIDOG 2025's 11,937 crops) and of the paper's generator schedule (1,000 + 1,000
 pretraining epochs on a 56,000-crop pool; per fold 2,000 VAE + 5,000 DiT epochs), one fold
-after the other and with fold_jobs=5. Random weights: the compute is the same as trained ones.
+after the other and with fold_jobs=5, and the grid on 1, 2, 4 and 8 such GPUs: one node (`main
+-P devices=auto`: a row per GPU, its five folds side by side) and a Slurm cluster (one fold per
+job and GPU). From these it prints the `slurm:` profile lines (time limits: the projection x 1.5)
+to paste into a profile file. Random weights: the compute is the same as trained ones.
 On a GPU it also measures training through torch.compile (`train_cv compile=true`): the speed-up
-over eager and the one-off compile time. Writes every figure to --json too, so two machines
-(or two commits) can be compared.
+over eager and the one-off compile time. Training computes in `--precision` (default auto, as
+train_cv: bf16 on a GPU with native bf16, fp16 with a gradient scaler on older ones such as a
+T4 or V100, fp32 on a CPU; models/precision.py); the first line says which. Writes every
+figure to --json too, so two machines (or two commits) can be compared.
 """
 from __future__ import annotations
 
@@ -41,12 +46,15 @@ from data_tools.demo import make_demo  # noqa: E402
 from models.backbones import resolve_backbone  # noqa: E402
 from models.classifier import build_classifier  # noqa: E402
 from models.generator import diffusion_loss, new_generator, vae_loss  # noqa: E402
+from models.precision import PRECISIONS, Precision, backward_step, choose_precision  # noqa: E402
 from models.sampling import generate  # noqa: E402
 
 # the paper's workload (MIDOG 2025 Track 2 and the paper's protocol)
 N_CROPS, FOLDS, EPOCHS, ROWS_PER_BACKBONE = 11_937, 5, 25, 2
 ATYPICAL_SHARE, POOL, PRETRAIN_EPOCHS, FOLD_VAE_EPOCHS, FOLD_DIT_EPOCHS = 0.15, 56_000, 1_000, 2_000, 5_000
 FOLD_JOBS = 5
+GPU_COUNTS = (1, 2, 4, 8)
+MARGIN = 1.5  # a job's time limit: its projection x this
 
 
 class Utilisation:
@@ -96,7 +104,7 @@ def reset_memory(device: torch.device) -> None:
 
 
 def classifier(name: str, backbone: str, backbone_set: str, batch: int, steps: int, device: torch.device,
-               compile: bool = False) -> dict:
+               compile: bool = False, precision: Precision | None = None) -> dict:
     """Training images/s of one backbone; `compile`: through torch.compile (train_cv compile=true),
     its one-off compile time measured apart (the first step)."""
     spec = resolve_backbone(backbone, backbone_set)
@@ -118,23 +126,26 @@ def classifier(name: str, backbone: str, backbone_set: str, batch: int, steps: i
             yield x, torch.tensor(labels[idx], dtype=torch.float32)
     reset_memory(device)
     first = time.perf_counter()
-    train_steps(model, opt, batches(), device, steps=1, warmup=0)  # compiles, when compiling
+    train_steps(model, opt, batches(), device, steps=1, warmup=0, precision=precision)  # compiles, when compiling
     first = time.perf_counter() - first
     with Utilisation(device) as util:
-        rate, outside = train_steps(model, opt, batches(), device, steps)
+        rate, outside = train_steps(model, opt, batches(), device, steps, precision=precision)
     return {"name": name, "timm_name": spec.timm_name, "input_px": spec.input_size, "batch": batch, "compile": compile,
             "first_step_s": first, "images_per_s": rate, "data_path_share": outside, "peak_gib": peak_memory(device),
             "gpu_util": util.mean}
 
 
-def generator_steps(arch: str, batch: int, steps: int, device: torch.device) -> dict:
+def generator_steps(arch: str, batch: int, steps: int, device: torch.device,
+                    precision: Precision | None = None) -> dict:
     """images/s of the VAE's and the DiT's training steps at this batch size."""
+    precision = precision or choose_precision("auto", device)
     gen = new_generator(arch, 128, 1000).to(device)
     x = torch.rand(batch, 3, 128, 128, device=device) * 2 - 1
     out = {}
     for part, model, loss_of in (("vae", gen.vae, lambda: vae_loss(gen.vae, x, 1e-4)[0]),
                                  ("dit", gen.dit, None)):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        scaler = precision.scaler()
         if part == "dit":
             with torch.no_grad():
                 z = gen.vae.encode(x).latent_dist.sample()
@@ -145,11 +156,9 @@ def generator_steps(arch: str, batch: int, steps: int, device: torch.device) -> 
             if i == 2:
                 sync(device)
                 start = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with precision.autocast():
                 loss = loss_of()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            backward_step(loss, opt, scaler)
         sync(device)
         out[part] = {"images_per_s": batch * steps / (time.perf_counter() - start), "peak_gib": peak_memory(device)}
     return {"arch": arch, "batch": batch, **out}
@@ -201,26 +210,59 @@ def hours(seconds: float) -> str:
     return f"{seconds / 3600:7.1f} h" if seconds >= 3600 else f"{seconds / 60:7.1f} min"
 
 
-def projections(rows: list[dict], gen_pre: dict, gen_fold: dict) -> dict:
+def makespan(durations: list[float], gpus: int) -> float:
+    """Wall time of jobs on `gpus` GPUs, each job to the least busy GPU, longest first (as main places
+    its steps; a Slurm queue with free GPUs does no worse)."""
+    load = [0.0] * gpus
+    for d in sorted(durations, reverse=True):
+        load[load.index(min(load))] += d
+    return max(load)
+
+
+def on_gpus(row_s: dict[str, float], overlap: float | None) -> dict[str, dict[int, float]]:
+    """The grid on 1, 2, 4, 8 GPUs: one node, where main runs a row per GPU with its folds side by
+    side (the fold_jobs speed-up), and a Slurm cluster, one fold per job and GPU."""
+    speedup = overlap or 1.0
+    return {"node": {g: makespan([t / speedup for t in row_s.values()], g) for g in GPU_COUNTS},
+            "slurm": {g: makespan([t / FOLDS for t in row_s.values() for _ in range(FOLDS)], g) for g in GPU_COUNTS}}
+
+
+def slurm_lines(row_s: dict[str, float], pretrain_s: float, finetune_s: float, synth_s: float) -> dict[str, str]:
+    """The profile's `slurm:` lines for the paper's jobs: each time limit its projection x MARGIN (whole hours)."""
+    hours = lambda s: max(1, int(np.ceil(MARGIN * s / 3600)))  # noqa: E731
+    gpu = "gpus=1 cpus=8 mem_gb=48"
+    return {"train_cv": f"{gpu} hours={hours(max(row_s.values()) / FOLDS)}",
+            "generator_pretrain": f"gpus=1 cpus=8 mem_gb=64 hours={hours(pretrain_s)}",
+            "generator_finetune": f"gpus=1 cpus=8 mem_gb=64 hours={hours(finetune_s)}",
+            "synthesize": f"gpus=1 cpus=8 mem_gb=32 hours={hours(synth_s)}"}
+
+
+def projections(rows: list[dict], gen_pre: dict, gen_fold: dict, sample_s: float = 0.0) -> dict:
     """Wall time of the paper's grid and generator schedule, sequential and with fold_jobs=5 (the
-    five processes overlap as far as one leaves the device idle: speed-up min(5, 100 / utilisation))."""
+    five processes overlap as far as one leaves the device idle: speed-up min(5, 100 / utilisation)),
+    on 1 to 8 GPUs, and the `slurm:` lines they size. `sample_s`: seconds per synthetic crop."""
     n_train = N_CROPS * (FOLDS - 1) / FOLDS
     n_val = N_CROPS / FOLDS
     balanced_extra = n_train * (1 - 2 * ATYPICAL_SHARE)  # synthetic atypical crops up to the normal count
-    out = {}
+    out, row_s = {}, {}
     for row in rows:
-        per_epoch = (n_train + n_train + balanced_extra) / row["images_per_s"] + 2 * n_val / (3 * row["images_per_s"])
-        out[row["name"]] = per_epoch * EPOCHS * FOLDS  # real-only + synth-balanced row of this backbone
+        ips = row["images_per_s"]
+        row_s[f"{row['name']} real"] = (n_train / ips + n_val / (3 * ips)) * EPOCHS * FOLDS
+        row_s[f"{row['name']} synth"] = ((n_train + balanced_extra) / ips + n_val / (3 * ips)) * EPOCHS * FOLDS
+        out[row["name"]] = row_s[f"{row['name']} real"] + row_s[f"{row['name']} synth"]  # both rows of the backbone
     grid = sum(out.values())
     utils = [r["gpu_util"] for r in rows if r["gpu_util"]]
     overlap = min(FOLD_JOBS, 100 / max(np.mean(utils), 1)) if utils else None
     pretrain = PRETRAIN_EPOCHS * POOL * (1 / gen_pre["vae"]["images_per_s"] + 1 / gen_pre["dit"]["images_per_s"])
     finetune = FOLDS * n_train * (FOLD_VAE_EPOCHS / gen_fold["vae"]["images_per_s"]
                                   + FOLD_DIT_EPOCHS / gen_fold["dit"]["images_per_s"])
-    return {"table1_grid_s": grid, "per_backbone_s": out, "generator_pretrain_s": pretrain,
+    synth = sample_s * balanced_extra * FOLDS
+    return {"table1_grid_s": grid, "per_backbone_s": out, "per_row_s": row_s, "generator_pretrain_s": pretrain,
             "generator_finetune_s": finetune, "fold_jobs_overlap": overlap,
             "table1_grid_fold_jobs_s": grid / overlap if overlap else None,
-            "generator_finetune_fold_jobs_s": finetune / overlap if overlap else None}
+            "generator_finetune_fold_jobs_s": finetune / overlap if overlap else None,
+            "table1_grid_on_gpus_s": on_gpus(row_s, overlap), "synthesize_s": synth,
+            "slurm": slurm_lines(row_s, pretrain, finetune, synth)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -228,6 +270,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="the demo's small models and a few steps (a CPU, CI)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default="bench_gpu.json", help="where the figures are written")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="as train_cv's (auto: bf16 on a GPU with native bf16, fp16 + gradient scaler on older ones, "
+                        "fp32 on a CPU)")
     p.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
                    help="also measure torch.compile'd training (auto: on a GPU, not with --quick: a CPU compile "
                         "takes minutes)")
@@ -238,23 +283,27 @@ def main(argv: list[str] | None = None) -> dict:
     plans = [("ddpm", 20), ("dpmsolver++", 4)] if args.quick else [("ddpm", 1000), ("dpmsolver++", 20)]
     started = time.perf_counter()
     what = "demo backbones (--quick)" if args.quick else "the paper's backbones"
-    print(f"bench_gpu on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), {what}")
-    rows = [classifier("ConvNeXt", "convnext", backbone_set, 16, steps, device),
-            classifier("Lunit ViT", "lunit", backbone_set, 16, steps, device)]
+    precision = choose_precision(args.precision, device)
+    gpu = (f"{torch.cuda.get_device_name(device)}, sm{''.join(map(str, torch.cuda.get_device_capability(device)))}"
+           if device.type == "cuda" else "CPU")
+    print(f"bench_gpu on {device} ({gpu}), {what}, precision {precision.name}"
+          f"{' with a gradient scaler' if precision.name == 'fp16' else ''} (asked: {args.precision})")
+    rows = [classifier("ConvNeXt", "convnext", backbone_set, 16, steps, device, precision=precision),
+            classifier("Lunit ViT", "lunit", backbone_set, 16, steps, device, precision=precision)]
     for r in rows:
         util = f", GPU {r['gpu_util']:.0f} % busy" if r["gpu_util"] is not None else ""
         print(f"  train {r['name']:<9} ({r['timm_name']}, {r['input_px']} px, batch {r['batch']}): "
               f"{r['images_per_s']:8.1f} img/s, "
               f"data path {r['data_path_share']:.0%} of the step, peak {r['peak_gib']:.2f} GiB{util}")
     compile_ = args.compile == "yes" or (args.compile == "auto" and device.type == "cuda" and not args.quick)
-    compiled = [classifier(r["name"], b, backbone_set, 16, steps, device, compile=True)
+    compiled = [classifier(r["name"], b, backbone_set, 16, steps, device, compile=True, precision=precision)
                 for r, b in zip(rows, ("convnext", "lunit"))] if compile_ else []
     for r, c in zip(rows, compiled):
         print(f"  train {r['name']:<9} torch.compile: {c['images_per_s']:8.1f} img/s "
               f"({c['images_per_s'] / r['images_per_s']:.2f}x eager), first step (the compile) {c['first_step_s']:.0f} s "
               f"(eager {r['first_step_s']:.1f} s)")
-    gen_pre = generator_steps(arch, 32 if not args.quick else 8, steps, device)
-    gen_fold = generator_steps(arch, 8, steps, device)
+    gen_pre = generator_steps(arch, 32 if not args.quick else 8, steps, device, precision)
+    gen_fold = generator_steps(arch, 8, steps, device, precision)
     for g in (gen_pre, gen_fold):
         print(f"  generator {g['arch']} batch {g['batch']:>2}: VAE {g['vae']['images_per_s']:8.1f} img/s, "
               f"DiT {g['dit']['images_per_s']:8.1f} img/s, peak {g['dit']['peak_gib']:.2f} GiB")
@@ -262,9 +311,10 @@ def main(argv: list[str] | None = None) -> dict:
     for s in samples:
         print(f"  sample {s['sampler']:<12} {s['steps']:>5} steps: {s['s_per_image']:8.3f} s per image")
     cold = predict_cold("convnext", backbone_set, device)
-    print(f"  predict, 16-crop stack, 5 models, flip TTA, cold start: {cold['cold_start_s']:.1f} s "
+    print(f"  predict, 16-crop stack, 5 models, flip TTA, {choose_precision('auto', device).name} (predict's choice "
+          f"on this device), cold start: {cold['cold_start_s']:.1f} s "
           f"({cold['after_interpreter_s']:.1f} s after the interpreter started)")
-    proj = projections(rows, gen_pre, gen_fold)
+    proj = projections(rows, gen_pre, gen_fold, samples[0]["s_per_image"])  # the paper samples with ddpm
     jobs = lambda s: hours(s) if s else "   n/a (no GPU utilisation figure)"  # noqa: E731
     print("projected wall time (the paper's workload at these rates):")
     print(f"  Table 1 grid (4 rows x 5 folds x {EPOCHS} epochs): {hours(proj['table1_grid_s'])} one fold at a time, "
@@ -274,7 +324,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  generator fine-tuning (5 folds x {FOLD_VAE_EPOCHS} VAE + {FOLD_DIT_EPOCHS} DiT epochs): "
           f"{hours(proj['generator_finetune_s'])} one fold at a time, "
           f"{jobs(proj['generator_finetune_fold_jobs_s'])} side by side")
-    figures = {"device": str(device), "quick": args.quick, "classifier": rows, "classifier_compiled": compiled,
+    for where, label in (("node", "one node, main -P devices=auto (a row per GPU, its folds side by side)"),
+                         ("slurm", "Slurm, one fold per job and GPU")):
+        print(f"  Table 1 grid on {label}: " + ", ".join(
+            f"{g} GPU{'s' if g > 1 else ''} {hours(t).strip()}" for g, t in proj["table1_grid_on_gpus_s"][where].items()))
+    print("profile lines for main -P executor=slurm (time limits: these projections x 1.5; docs/scaling.md):\n"
+          "  slurm:\n" + "\n".join(f'    {step}: "{line}"' for step, line in proj["slurm"].items()))
+    figures = {"device": str(device), "precision": precision.name, "quick": args.quick, "classifier": rows,
+               "classifier_compiled": compiled,
                "generator_pretrain": gen_pre,
                "generator_finetune": gen_fold, "sampling": samples, "predict": cold, "projections": proj,
                "bench_s": time.perf_counter() - started}

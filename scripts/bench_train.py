@@ -34,6 +34,7 @@ from data_tools.ingest import ingest  # noqa: E402
 from data_tools.store import open_store  # noqa: E402
 from models.backbones import resolve_backbone  # noqa: E402
 from models.classifier import build_classifier  # noqa: E402
+from models.precision import PRECISIONS, Precision, backward_step, choose_precision  # noqa: E402
 
 
 class PilCrops(Dataset):
@@ -59,8 +60,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def train_steps(model, opt, batches, device, steps: int, warmup: int = 3) -> tuple[float, float]:
-    """(images/s, share of wall time outside forward/backward/step) over `steps` after `warmup`."""
+def train_steps(model, opt, batches, device, steps: int, warmup: int = 3,
+                precision: Precision | None = None) -> tuple[float, float]:
+    """(images/s, share of wall time outside forward/backward/step) over `steps` after `warmup`, in
+    `precision` (default: the device's, as train_cv's precision=auto: models.precision)."""
+    precision = precision or choose_precision("auto", device)
+    scaler = precision.scaler()
     model.train()
     n = compute = 0.0
     it = iter(batches)
@@ -75,12 +80,10 @@ def train_steps(model, opt, batches, device, steps: int, warmup: int = 3) -> tup
             x = x.contiguous(memory_format=torch.channels_last)
         sync(device)
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with precision.autocast():
             z = model(x).reshape(-1)
         loss = F.binary_cross_entropy_with_logits(z.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        backward_step(loss, opt, scaler)
         sync(device)
         if i >= warmup:
             compute += time.perf_counter() - t0
@@ -99,6 +102,9 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the per-sample baseline")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="as train_cv's: auto = bf16 on a GPU with native bf16, fp16 + gradient scaler on older "
+                        "ones, fp32 on a CPU")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,8 +116,10 @@ def main(argv=None):
         rows, _ = store.fold_rows(1)
         n_needed = (args.steps + 3) * args.batch_size
         rows = np.resize(rows, n_needed)  # repeat rows if the store is small
-        print(f"{args.backbone} ({spec.timm_name}, {spec.input_size} px) on {device}, batch {args.batch_size}, "
-              f"{args.steps} steps, {torch.get_num_threads()} torch threads, crops {store.images.shape[1:3]}")
+        precision = choose_precision(args.precision, device)
+        print(f"{args.backbone} ({spec.timm_name}, {spec.input_size} px) on {device} in {precision.name}, batch "
+              f"{args.batch_size}, {args.steps} steps, {torch.get_num_threads()} torch threads, "
+              f"crops {store.images.shape[1:3]}")
 
         def fresh():
             torch.manual_seed(0)
@@ -128,13 +136,13 @@ def main(argv=None):
                 yield augment_and_preprocess(images, spec.input_size, spec.mean, spec.std, device, gen), labels
 
         model, opt = fresh()
-        ours, ours_out = train_steps(model, opt, batched(), device, args.steps)
+        ours, ours_out = train_steps(model, opt, batched(), device, args.steps, precision=precision)
         labels = store.index["label"].to_numpy().astype(np.float32)
         dataset = torch.utils.data.Subset(PilCrops(store.images, labels, spec.input_size, spec.mean, spec.std), rows)
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                             pin_memory=device.type == "cuda")
         model, opt = fresh()
-        base, base_out = train_steps(model, opt, loader, device, args.steps)
+        base, base_out = train_steps(model, opt, loader, device, args.steps, precision=precision)
     print(f"{'data path':<46} {'images/s':>9} {'outside fwd/bwd':>16}")
     print(f"{'batched memmap + tensor augmentation (ours)':<46} {ours:>9.1f} {ours_out:>15.1%}")
     print(f"{f'per-sample PIL + torchvision, {args.workers} workers':<46} {base:>9.1f} {base_out:>15.1%}")

@@ -22,7 +22,7 @@ from pipelines.profiles import PROFILES  # noqa: E402
 
 BEGIN, END = "<!-- parameter tables: scripts/param_tables.py -->", "<!-- end of parameter tables -->"
 STEPS = (keys.MAIN, keys.PREPARE_DATA, keys.GENERATOR_PRETRAIN, keys.GENERATOR_FINETUNE, keys.SYNTHESIZE,
-         keys.TRAIN_CV, keys.EVALUATE, keys.REPORT, keys.TUNE, keys.PREDICT)
+         keys.TRAIN_CV, keys.EVALUATE, keys.REPORT, keys.TUNE, keys.PREDICT, keys.SLURM)
 
 
 def _cell(text: str) -> str:
@@ -43,7 +43,8 @@ def step_table(step: str) -> str:
     cls = config_class(step)
     given = {f.name: "<given>" for f in dataclasses.fields(cls) if f.metadata.get("required")}
     configs = {p: build(cls, p, **given) for p in PROFILES}
-    lines = [f"**`{step}`**" + (f" (and every `{cls.sections()[0]}` parameter)" if len(cls.sections()) > 1 else ""),
+    note = " (not a step: the profile section of the jobs `main -P executor=slurm` submits)" if step == keys.SLURM else ""
+    lines = [f"**`{step}`**{note}" + (f" (and every `{cls.sections()[0]}` parameter)" if len(cls.sections()) > 1 else ""),
              "", "| parameter | " + " | ".join(configs) + " | what |", "|---|" + "---|" * len(configs) + "---|"]
     for f in _rows(cls):
         required = f.metadata.get("required")

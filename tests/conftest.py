@@ -149,15 +149,16 @@ def tiny_checkpoints(tmp_path_factory):
 @pytest.fixture
 def tiny_train_run(tracking, tiny_checkpoints):
     """A finished train_cv run (convnext, real_only, folds 1,2) whose fold runs carry the tiny
-    checkpoints as their `checkpoint/` artifacts, as train_cv logs them; yields its run id."""
+    checkpoints as their LoggedModels, as train_cv logs them; yields its run id."""
     from analysis import keys
+    from pipelines.fold_model import log_fold_model
     with mlflow.start_run(run_name="tiny", tags={keys.STEP: keys.TRAIN_CV, keys.PROFILE: "demo",
                                                  keys.BACKBONE: "convnext", keys.REGIME: keys.REAL_ONLY}) as parent:
         mlflow.log_params({keys.P_BACKBONE: "convnext", keys.P_REGIME: keys.REAL_ONLY, keys.P_FOLDS: "1,2"})
         for k, folder in enumerate(tiny_checkpoints, 1):
             mlflow.log_metrics({keys.fold_metric(k, "auroc"): 0.8 + k / 100, keys.fold_metric(k, "ba"): 0.7})
             with mlflow.start_run(nested=True, tags={keys.STEP: keys.TRAIN_CV, keys.FOLD: str(k)}):
-                mlflow.log_artifacts(str(folder), keys.CHECKPOINT_DIR)
+                log_fold_model(k, folder, 1, {keys.BEST_VAL_AUROC: 0.8 + k / 100, keys.BEST_VAL_BA: 0.7})
     yield parent.info.run_id
 
 

@@ -97,11 +97,11 @@ def test_one_fold_list_parser():
             select_folds(bad, [1, 2, 3])
 
 
-def test_tune_trials_are_train_cvs_config_with_only_lr_changed(tmp_path):
+def test_tune_trials_are_train_cvs_config_with_only_the_searched_fields_changed(tmp_path):
     profile = tmp_path / "p.yaml"  # train_cv values must reach the trials: augment, weights, schedule
     profile.write_text("base: demo\ntrain_cv: {augment: paper, pretrained: /weights.safetensors, restart_epochs: 3}\n")
     tune_cfg = build(TuneConfig, str(profile), data="stores/x")
-    trial = trial_config(tune_cfg, 1.5e-3)
+    trial = trial_config(tune_cfg, {"lr": 1.5e-3})
     overrides = {k: v for k, v in PROFILES["demo"][keys.TUNE].items() if k in TrainCVConfig.__dataclass_fields__}
     expected = build(TrainCVConfig, str(profile), data="stores/x", **overrides)
     assert type(trial) is TrainCVConfig and trial.lr == 1.5e-3

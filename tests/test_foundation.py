@@ -1,8 +1,11 @@
 """Foundation backbones with LoRA and linear probing: the model cards' architectures (timm's
 classes, depth and width shrunk, random init), adapter counts, a training epoch, checkpoints that
-keep only what was trained, the ensemble through `predict` and the pyfunc, and the hub's errors."""
+keep only what was trained, peft's own adapter files, the ensemble through `predict` and the
+pyfunc, and the hub's errors."""
 import dataclasses
+import json
 import re
+import shutil
 
 import mlflow
 import numpy as np
@@ -19,9 +22,10 @@ from analysis.submission import log_ensemble_model
 from data_tools.images import encode_png_base64
 from data_tools.ingest import ingest
 from models import backbones
+from data_tools.augment import preprocess
 from models.checkpoint import TRAINED, WEIGHTS, WEIGHTS_DIR_ENV, CheckpointError, load_checkpoint
 from models.classifier import PretrainedWeightsError, build_classifier
-from models.finetune import apply_finetune, count_params
+from models.finetune import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_finetune, count_params
 from models.training import fold_pools, predict_pool, train_fold
 from pipelines.config import build
 from pipelines.train_cv import TrainCVConfig, run_train_cv
@@ -106,6 +110,33 @@ def test_linear_probe_trains_the_head_only(small_store, tiny_set, tmp_path):
     frozen = build_classifier(spec, base)
     for (n, a), b in zip(loaded.named_parameters(), frozen.parameters()):
         assert torch.equal(a, b) != n.startswith("head"), n  # only the head moved
+
+
+@pytest.mark.parametrize("name, mode, peft_type", [("dinov3_s", "lora", "LORA"),
+                                                    ("virchow2", "linear", "LN_TUNING")])  # a linear probe: the head
+def test_peft_loads_the_folds_adapter_with_the_logits_of_the_projects_loader(name, mode, peft_type, small_store,
+                                                                              tiny_set, tmp_path):
+    from peft import PeftModel
+
+    spec = shrunk(name)
+    base = _base_file(spec, tmp_path / f"{name}.safetensors")
+    result = train_fold(_config(small_store, name, base, mode, lora_rank=4), small_store, 1, None, tmp_path / "w")
+    adapter = json.loads((result.checkpoint / ADAPTER_CONFIG).read_text())
+    assert (adapter["peft_type"], adapter["base_model_name_or_path"]) == (peft_type, f"{name}.safetensors")
+    assert (result.checkpoint / ADAPTER_WEIGHTS).is_file()
+    # what a peft user does: the named base (here the file), then the adapter folder
+    with_peft = PeftModel.from_pretrained(build_classifier(spec, base), str(result.checkpoint)).eval()
+    ours, _, _ = load_checkpoint(result.checkpoint)
+    x = preprocess(torch.from_numpy(np.array(small_store.images[:8])), spec.input_size, spec.mean, spec.std,
+                   torch.device("cpu"))
+    with torch.inference_mode():
+        expected = ours(x).reshape(-1)
+        torch.testing.assert_close(with_peft(x).reshape(-1), expected, atol=1e-5, rtol=1e-5)
+        assert expected.std() > 0  # different crops, different logits: a model, not a constant
+        # the project's loader reads peft's files alone as well
+        adapter_only = shutil.copytree(result.checkpoint, tmp_path / "adapter_only")
+        (adapter_only / TRAINED).unlink()
+        torch.testing.assert_close(load_checkpoint(adapter_only)[0](x).reshape(-1), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_missing_or_changed_base_weights_are_named(small_store, tiny_set, tmp_path, monkeypatch):

@@ -3,22 +3,34 @@ cell by cell (the paper's own numbers), the regime statistics against scipy/scik
 the chosen row, and plain sentences for everything a run lacks."""
 from __future__ import annotations
 
+import ast
+import builtins
+import importlib.metadata
 import json
 import re
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.tracking import MlflowClient
+from packaging.requirements import Requirement
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from analysis import keys
+from analysis import keys, runs, submission
 from analysis.queries import ReportDataError, train_rows
 from analysis.runs import experiment_ids
+from analysis.serving import EnsemblePyfunc
 from analysis.stats import bootstrap_auroc_difference, delong_auroc_difference, paired_fold_test
+from data_tools.demo import make_demo
+from data_tools.images import encode_png_base64
 from pipelines import report
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # The paper's Table 1 (fold AUROCs) and Table 2, as fractions.
 PAPER_T1 = {
@@ -235,3 +247,144 @@ def test_rows_are_named_for_what_trained():
     sota = {"finetune": "lora", "lora_rank": "8", "loss": "domain_focal", "augment": "strong"}
     assert row_label("uni2", "real_only", recipe=sota) == "UNI2-h + LoRA r8 [domain focal, strong aug] (real)"
     assert row_label("lunit", "real_only", recipe={"pretrained": "/w/lunit.pth"}) == "Lunit SSL [weights lunit.pth] (real)"
+
+
+def test_a_second_report_with_nothing_changed_registers_no_new_version(tiny_train_run, capsys):
+    """The registered version describes itself; report registers again only when the selection
+    (members, threshold rule, TTA) differs from the alias's version, and says which it did."""
+    client = MlflowClient()
+    log_eval(tiny_train_run, [0.9, 0.8, 0.7, 0.85, 0.775])
+    first = report.main(["--register", "yes", "--n_boot", "20"])["registered"]
+    assert first["new"] and str(first["version"]) == "1"
+    assert "submission: registered models:/atypical-mitosis-classifier/1 (alias submission): no version had alias" \
+        in capsys.readouterr().out
+
+    second = report.main(["--register", "yes", "--n_boot", "20"])["registered"]
+    printed = capsys.readouterr().out
+    assert not second["new"] and str(second["version"]) == "1"
+    assert [line for line in printed.splitlines() if line.startswith("submission:")] == [
+        "submission: no new version: models:/atypical-mitosis-classifier/1 (alias submission) kept, version 1 has the "
+        "same members, threshold rule and TTA"]
+    assert len(client.search_model_versions(f"name = '{keys.MODEL_NAME}'")) == 1
+
+    # what the version says: rule and value, row and members, CV and test figures, digests, threshold rule, TTA
+    version = client.get_model_version_by_alias(keys.MODEL_NAME, keys.SUBMISSION_ALIAS)
+    t = version.tags
+    folds = {k: r.info.run_id for k, r in runs.fold_runs(client, tiny_train_run).items()}
+    members = json.loads(t[keys.V_MEMBERS])
+    assert set(members) == {"fold1", "fold2"} and all(m.startswith("m-") for m in members.values())
+    assert json.loads(t[keys.V_MEMBER_RUNS]) == {f"fold{k}": r for k, r in folds.items()}
+    assert {client.get_logged_model(m).source_run_id for m in members.values()} == set(folds.values())
+    assert t["selected_by"] == "test_auroc" and float(t[keys.V_SELECTED_VALUE]) == 0.9
+    assert t[keys.V_ROWS_COMPARED] == "1"
+    assert t[keys.V_ROW] == "ConvNeXt-Small (real)" and t["train_run_id"] == tiny_train_run
+    assert float(t[keys.test_metric("ba")]) == 0.775 and t[keys.TEST_SET] == "prelim"
+    assert t[keys.P_TEST_DIGEST] == "abc" and keys.P_DATA_DIGEST in t
+    assert t[keys.V_THRESHOLD_RULE] == "0.4" and float(t["threshold"]) == 0.4 and t[keys.P_TTA] == "none"
+    assert json.loads(t[keys.V_SELECTION]) == {"members": members, "threshold": 0.4, "fold_thresholds": None,
+                                               "tta": "none"}
+    for words in ("selected by test_auroc = 90.00%", "the highest of 1 row(s)", *members.values(),
+                  "Test set prelim", "test store `abc`", "Threshold rule: 0.4: threshold 0.4", "TTA: none"):
+        assert words in version.description, words
+    # the report run took the fold models as inputs and logged the submission model as its output
+    run = client.get_run(version.run_id)
+    assert {i.model_id for i in run.inputs.model_inputs} == set(members.values())
+    [submission] = run.outputs.model_outputs
+    assert version.source == f"models:/{submission.model_id}"
+    assert client.get_logged_model(submission.model_id).tags[keys.V_MEMBERS] == t[keys.V_MEMBERS]
+
+    # a newer evaluate run with TTA is another model: a new version, and the line says why
+    client.log_param(log_eval(tiny_train_run, [0.9, 0.8, 0.7, 0.85, 0.775]), keys.P_TTA, "d4")
+    third = report.main(["--register", "yes", "--n_boot", "20"])["registered"]
+    assert third["new"] and str(third["version"]) == "2"
+    assert "submission: registered models:/atypical-mitosis-classifier/2 (alias submission): TTA changed from " \
+           "version 1" in capsys.readouterr().out
+    assert client.get_model_version_by_alias(keys.MODEL_NAME, keys.SUBMISSION_ALIAS).tags[keys.P_TTA] == "d4"
+
+
+PROJECT = ("analysis", "models", "data_tools", "pipelines")
+
+
+def _import_time_names(module: str) -> set[str]:
+    """What importing a project module runs, with the project modules it imports in turn: every import
+    statement outside a function body (and outside `if TYPE_CHECKING:`), as dotted names."""
+    root, names, seen, todo = ROOT, set(), set(), [module]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        candidates = [root.joinpath(*parts[:n]).with_suffix(".py") for n in range(len(parts), 0, -1)] + \
+                     [root.joinpath(*parts[:n], "__init__.py") for n in range(len(parts), 0, -1)]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        rel = path.relative_to(root).with_suffix("").parts
+        todo += [".".join(rel[:n]) for n in range(1, len(rel))]  # its packages' __init__ run first
+        stmts = list(ast.parse(path.read_text()).body)
+        while stmts:
+            node = stmts.pop()
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or (
+                    isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)):
+                continue
+            found = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+                     if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            names.update(found)
+            todo += [f for f in found if f.split(".")[0] in PROJECT]
+            stmts += [c for c in ast.iter_child_nodes(node) if isinstance(c, ast.stmt)]
+    return names
+
+
+def test_the_served_model_requires_what_serving_imports_and_no_training_stack(tiny_checkpoints, tmp_path):
+    """The pyfunc's requirements against what loading and predicting import (a fresh environment
+    from an index is too slow for the suite): the model's code loads and scores a crop here while
+    every import statement the project's code runs is recorded, plus everything importing the
+    modules it reached runs. Each distribution imported is declared or comes with one declared;
+    each one declared is imported or comes with one; none is the training stack's."""
+    ran, real_import = set(), builtins.__import__
+
+    def recording(name, globals=None, locals=None, fromlist=(), level=0):
+        caller = (globals or {}).get("__name__", "")
+        if level == 0 and caller.split(".")[0] in PROJECT:
+            ran.update([name, *(f"{name}.{f}" for f in fromlist or ())])
+        return real_import(name, globals, locals, fromlist, level)
+
+    image = make_demo(1, seed=3)[0][0]
+    builtins.__import__ = recording
+    members = {f"fold{k}": str(d) for k, d in enumerate(tiny_checkpoints, 1)}
+    try:  # what MLflow runs: analysis/pyfunc_model.py's model, load_context with the artifacts, then predict
+        model = EnsemblePyfunc()
+        model.load_context(SimpleNamespace(artifacts=members, model_config={"threshold": 0.5, "device": "cpu"}))
+        out = model.predict(None, pd.DataFrame({"image": [encode_png_base64(image)]}), {"tta": "flips"})
+        model.predictor.predict(np.stack([image, image]), chunk=1)  # a request longer than a chunk shows progress
+    finally:
+        builtins.__import__ = real_import
+    assert list(out.columns) == ["probability", "class"]
+    names = _import_time_names("analysis.pyfunc_model") | ran
+    for project_module in {n for n in ran if n.split(".")[0] in PROJECT}:
+        names |= _import_time_names(project_module)
+    assert not {n for n in names if n.split(".")[0] == "pipelines"}
+    providers = importlib.metadata.packages_distributions()
+    tops = {n.split(".")[0] for n in names} - set(PROJECT) - set(sys.stdlib_module_names) - {"__future__"}
+    norm = lambda name: name.lower().replace("_", "-")
+    imported = {norm(d) for top in tops for d in providers.get(top, [top])}
+    imported -= {"mlflow", "mlflow-tracing"}  # `mlflow` is one import name of three distributions: skinny has it all
+
+    def brought(names):  # what the distributions named install with them (their unconditional requirements)
+        return {norm(req.name) for name in names for r in importlib.metadata.requires(name) or []
+                if (req := Requirement(r)).marker is None or req.marker.evaluate({"extra": ""})}
+
+    declared = {norm(Requirement(r).name) for r in submission.serving_requirements(adapters=False)}
+    assert imported - declared - brought(declared) == set(), sorted(imported)
+    assert declared - imported - brought(imported) == set(), sorted(imported)
+    training = {"openslide-python", "openslide-bin", "psycopg2-binary", "optuna", "diffusers", "accelerate",
+                "matplotlib", "scikit-learn", "scipy", "psutil", "nvidia-ml-py", "mlflow", "peft"}
+    assert not declared & training and not imported & training
+    assert "torch==2.14.1" in submission.serving_requirements(adapters=False)
+    # adapter members (lora, linear) rebuild their adapters with peft (models/finetune.py imports it then)
+    assert {norm(Requirement(r).name) for r in submission.serving_requirements(adapters=True)} == declared | {"peft"}
+    assert "from peft import" in (ROOT / "models" / "finetune.py").read_text()
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "config.json").write_text(json.dumps({"finetune": {"mode": "lora"}}))
+    assert not submission.has_adapters(members) and submission.has_adapters({**members, "fold3": str(lora)})

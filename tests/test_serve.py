@@ -1,6 +1,9 @@
 """The report registers the chosen fold ensemble with its evaluate run's threshold rule (here
-fold_ba: a threshold per fold model); `mlflow models serve` answers over HTTP with the same
-scores as the ensemble itself under that rule, the same classes, and d4 TTA as a param."""
+fold_ba: a threshold per fold model), and the loaded model scores as the ensemble itself under
+that rule. Then the report's ensemble of rows (ensemble=greedy: that row, 48 px, and a ViT row at
+64 px with another normalisation) becomes the submission: `mlflow models serve` answers over HTTP
+with the same scores as `predict` and the weighted logit mean of the members computed directly,
+the same classes, and d4 TTA as a param."""
 from __future__ import annotations
 
 import json
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -21,8 +25,10 @@ from analysis import keys
 from data_tools.demo import make_demo
 from data_tools.images import encode_png_base64
 from models.ensemble import FoldEnsemble
-from pipelines import report
+from models.metrics import fold_ba_thresholds
+from pipelines import predict, report
 
+from ensemble_rows import add_oof, complementary_oof, expected_probabilities, log_row, vit_checkpoints
 from services import free_port, stop, wait_http
 
 pytestmark = pytest.mark.slow  # mlflow models serve: a scoring server process
@@ -63,6 +69,28 @@ def test_registered_ensemble_serves_predictions_over_http(tracking, tiny_train_r
     files = {p.name for p in model_dir.rglob("*")}
     assert {"pyfunc_model.py", "input_example.json"} <= files, files
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
+    loaded = mlflow.pyfunc.load_model(str(model_dir)).predict(pd.DataFrame({"image": [encode_png_base64(im)
+                                                                                     for im in images]}))
+    assert loaded["probability"].to_numpy() == pytest.approx(expected, abs=1e-6)
+
+    # the ensemble of that row and a ViT row of another input size becomes the submission (selected by cv_auroc)
+    oof_a, oof_b = complementary_oof(seed=1)
+    add_oof(tiny_train_run, oof_a)
+    vit_dirs = vit_checkpoints(tmp_path)
+    vit_run = log_row("lunit", keys.REAL_ONLY, vit_dirs, oof_b)
+    summary = report.main(["--n_boot", "20", "--ensemble", "greedy", "--select_by", "cv_auroc"])
+    weights = summary["selection"]["ensemble"]
+    assert set(weights) == {tiny_train_run, vit_run} and summary["registered"]["new"]
+    members = [(tiny_checkpoints, fold_t, float(weights[tiny_train_run])),  # its fold_ba evaluate run's thresholds
+               (vit_dirs, fold_ba_thresholds(oof_b["label"], oof_b["prob"], oof_b["fold"]), float(weights[vit_run]))]
+    expected = expected_probabilities(members, images)
+    threshold = summary["selection"]["threshold"]  # fitted on the ensemble's OOF scores
+    (tmp_path / "crops").mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(tmp_path / "crops" / f"crop_{i}.png")
+    by_predict = pd.read_csv(predict.main(["--model", f"models:/{keys.MODEL_NAME}@{keys.SUBMISSION_ALIAS}", "--input",
+                                           str(tmp_path / "crops"), "--output", str(tmp_path / "p.csv")]))
+    assert by_predict["probability"].to_numpy() == pytest.approx(expected, abs=1e-6)
 
     port = free_port()
     # the scoring server execs `uvicorn` from PATH: the venv's bin, as in an activated environment
@@ -81,14 +109,14 @@ def test_registered_ensemble_serves_predictions_over_http(tracking, tiny_train_r
         assert status == 200, body
         got = body["predictions"]
         assert [g["probability"] for g in got] == pytest.approx(expected.tolist(), abs=1e-6)
+        assert [g["probability"] for g in got] == pytest.approx(by_predict["probability"].tolist(), abs=1e-6)
         assert [g["class"] for g in got] == ["atypical" if p >= threshold else "normal" for p in expected]
         # file paths the server can read, in the `path` column, with d4 TTA as a param
         Image.fromarray(images[0]).save(tmp_path / "crop.png")
         status, body = post(url, {"dataframe_split": {"columns": ["path"], "data": [[str(tmp_path / "crop.png")]]},
                                   "params": {"tta": "d4"}})
         assert status == 200, body
-        tta = FoldEnsemble.from_dirs(tiny_checkpoints, fold_thresholds=list(fold_t.values())).predict_proba(
-            images[:1], tta="d4")
+        tta = expected_probabilities(members, images[:1], tta="d4")
         assert body["predictions"][0]["probability"] == pytest.approx(float(tta[0]), abs=1e-6)
         assert abs(float(tta[0]) - expected[0]) > 1e-6  # d4 was applied
         # a row that is not an image is an error naming the row, not a prediction

@@ -69,6 +69,7 @@ def test_pretrain_finetune_synthesize_from_mlflow_run(tracking, thumb_stores, tm
     run = client.get_run(synth)
     params, metrics = run.data.params, run.data.metrics
     assert params[keys.P_FINETUNE_RUN_ID] == finetune and params[keys.P_SAMPLER] == "ddim"
+    assert run.data.tags[keys.QUALITY_FEATURES].startswith("descriptor features")  # what the KID/FID are on
     stores = {}
     for k in (1, 2):
         store = open_store(params[keys.synth_store_param(k)])

@@ -51,9 +51,16 @@ def _assert_fold_run_contract(client, child, epochs):
     assert {keys.BEST_VAL_AUROC, keys.BEST_EPOCH, keys.BEST_VAL_BA, *FOLD_KEYS} <= set(m)
     assert [x.step for x in client.get_metric_history(child.info.run_id, keys.VAL_AUROC)] == list(range(1, epochs + 1))
     files = {f.path for f in client.list_artifacts(child.info.run_id)}
-    assert {keys.VAL_PREDICTIONS, keys.CHECKPOINT_DIR} <= files
-    ckpt = {f.path for f in client.list_artifacts(child.info.run_id, keys.CHECKPOINT_DIR)}
-    assert ckpt == {f"{keys.CHECKPOINT_DIR}/model.safetensors", f"{keys.CHECKPOINT_DIR}/config.json"}
+    assert keys.VAL_PREDICTIONS in files and keys.CHECKPOINT_DIR not in files
+    # the best checkpoint is the run's LoggedModel at the best epoch: its files, its validation metrics
+    [out] = child.outputs.model_outputs
+    model = client.get_logged_model(out.model_id)
+    assert out.step == m[keys.BEST_EPOCH] and model.name == f"fold{t[keys.FOLD]}" and model.status == "READY"
+    assert {f.path for f in client.list_logged_model_artifacts(model.model_id)} == {"model.safetensors", "config.json"}
+    linked = {x.key: x for x in model.metrics}
+    assert linked[keys.BEST_VAL_AUROC].value == m[keys.BEST_VAL_AUROC] and linked[keys.BEST_VAL_BA].step == out.step
+    assert linked[keys.BEST_VAL_AUROC].dataset_name.endswith(f"fold {t[keys.FOLD]} {keys.VALIDATION}")
+    assert model.params[keys.P_BACKBONE] == t[keys.BACKBONE] and model.tags[keys.FOLD] == t[keys.FOLD]
 
 
 @pytest.mark.slow

@@ -1,9 +1,13 @@
 """The whole workflow (`main`) end to end on a small profile, then `mlflow ui` over REST."""
 import json
+import os
 import re
+import signal
 import shutil
 import subprocess
 import sys
+import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -20,24 +24,32 @@ pytestmark = pytest.mark.slow  # main runs every step as a process (mlflow run),
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = """
 base: demo
-main: {pool_size: 200, test_size: 150}
+main: {pool_size: 200, test_size: 150, tune_first: true}
 prepare_data: {size: 300, folds: 3}  # 3-fold CV: the machinery, in less time
 generator_pretrain: {vae_epochs: 1, dit_epochs: 1}
 generator_finetune: {dit_epochs: 1}
 synthesize: {n_atypical: 24, steps: 4, quality_max: 24}
 train_cv: {epochs: 1}
+tune: {n_trials: 2, folds: "1", epochs: 1, storage: "{tmp}/optuna.log"}  # each row trains with its study's best trial
 report: {n_boot: 50}
 """
 
 
 @pytest.fixture(scope="module")
-def workflow(tmp_path_factory, step_env):
+def workflow_env(step_env):
+    def build(tmp: Path) -> dict[str, str]:
+        return step_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}", MLFLOW_EXPERIMENT_NAME=None,
+                        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")  # steps of seconds: sample every second, not 10
+    return build
+
+
+@pytest.fixture(scope="module")
+def workflow(tmp_path_factory, workflow_env):
     """One `main` run on a small profile file, through `mlflow run` like a user would."""
     tmp = tmp_path_factory.mktemp("workflow")
-    (tmp / "small.yaml").write_text(SMALL)
+    (tmp / "small.yaml").write_text(SMALL.replace("{tmp}", str(tmp)))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    env = step_env(MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_NAME=None,
-                   MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")  # steps of seconds: sample every second, not every 10
+    env = workflow_env(tmp)
 
     def run(*extra: str):
         return subprocess.run([sys.executable, "-m", "pipelines.main", "--profile", str(tmp / "small.yaml"),
@@ -59,7 +71,7 @@ def test_main_runs_every_step_and_prints_a_readable_console(workflow):
     assert "Table 1" in out and "Table 2" in out and "mlflow ui" in out
     # piped to a file: whole lines only, no progress-bar frames, one start and one end line per step
     assert "\r" not in out and max(map(len, out.splitlines())) <= 300, max(out.splitlines(), key=len)
-    assert out.count(": started (log ") == 15
+    assert out.count(": started (log ") == 17
     assert "[main] train_cv convnext/real_only: CV AUROC " in out and "[main] evaluate lunit/synth_balanced: test AUROC " in out
     client = MlflowClient(uri)
     exp = _experiment(client)
@@ -75,7 +87,7 @@ def test_main_runs_every_step_and_prints_a_readable_console(workflow):
     [pretrain] = [r for r in steps if r.data.tags[keys.STEP] == keys.GENERATOR_PRETRAIN]
     assert any(m.startswith("system/cpu_utilization") for m in pretrain.data.metrics)  # MLflow's system metrics
     assert counts == {keys.PREPARE_DATA: 3, keys.GENERATOR_PRETRAIN: 1, keys.GENERATOR_FINETUNE: 1,
-                      keys.SYNTHESIZE: 1, keys.TRAIN_CV: 4, keys.EVALUATE: 4, keys.REPORT: 1}
+                      keys.SYNTHESIZE: 1, keys.TUNE: 2, keys.TRAIN_CV: 4, keys.EVALUATE: 4, keys.REPORT: 1}
     version = client.get_model_version_by_alias(keys.MODEL_NAME, keys.SUBMISSION_ALIAS)
     [report] = [r for r in steps if r.data.tags[keys.STEP] == keys.REPORT]
     assert version.tags["train_run_id"] == report.data.tags[keys.SELECTED_TRAIN_RUN]
@@ -101,15 +113,54 @@ def test_real_only_training_runs_beside_the_generator(workflow):
     assert flow.data.params["jobs"] == "2"
 
 
-def test_a_second_main_reuses_every_finished_step(workflow):
+def test_tune_first_trains_every_row_with_its_studys_best_trial(workflow):
+    tmp, uri, first, _ = workflow
+    client = MlflowClient(uri)
+    exp = _experiment(client)
+    studies = {r.data.params[keys.P_BACKBONE]: r for r in client.search_runs([exp], f"tags.step = '{keys.TUNE}'")}
+    assert sorted(studies) == ["convnext", "lunit"]
+    rows = [r for r in client.search_runs([exp], f"tags.step = '{keys.TRAIN_CV}'") if keys.FOLD not in r.data.tags]
+    assert len(rows) == 4
+    for r in rows:
+        study = studies[r.data.params[keys.P_BACKBONE]]
+        best = json.loads(study.data.tags[keys.BEST_PARAMS])
+        assert r.data.tags[keys.FROM_STUDY_RUN] == study.info.run_id
+        assert float(r.data.params["lr"]) == pytest.approx(best["lr"])
+    assert "Trained with a tune study's best trial:" in first.stdout and "study lr-convnext-small, trial " in first.stdout
+
+
+def test_a_killed_workflow_leaves_no_run_running_and_the_next_reuses_every_finished_step(workflow, workflow_env):
+    """main SIGKILLed with its step processes (a closed laptop, a preempted node): the next main ends their
+    runs as KILLED, says so, and reuses every finished step."""
     tmp, uri, _, run = workflow
     client = MlflowClient(uri)
-    before = len(client.search_runs([_experiment(client)], "", max_results=1000))
+    exp = _experiment(client)
+    before = len(client.search_runs([exp], "", max_results=1000))
+    # a bigger held-out store: its prepare_data step runs long enough to be killed in its own process
+    killed = subprocess.Popen([sys.executable, "-m", "pipelines.main", "--profile", str(tmp / "small.yaml"),
+                               "--stores", str(tmp / "stores"), "--test_size", "3000"], cwd=tmp,
+                              env=workflow_env(tmp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    step = []
+    for _ in range(2400):
+        step = [r for r in client.search_runs([exp], f"attributes.status = 'RUNNING' and tags.step = '{keys.PREPARE_DATA}'")
+                if r.data.tags.get(keys.PID) not in (None, str(killed.pid))]
+        if step:
+            break
+        time.sleep(0.25)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert step, "the prepare_data step never started"
+    dead = {r.info.run_id for r in client.search_runs([exp], "attributes.status = 'RUNNING'")}
+    assert step[0].info.run_id in dead and len(dead) == 2  # the workflow run and its step's
+
     again = run()
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("[main] reuse") == 15 and "[main] run " not in again.stdout
-    after = client.search_runs([_experiment(client)], "", max_results=1000)
-    assert len(after) == before + 1  # only the new workflow run itself
+    assert "main: ended 2 run(s) left RUNNING by processes of this host that are gone, as KILLED" in again.stdout
+    assert {client.get_run(r).info.status for r in dead} == {"KILLED"}
+    assert again.stdout.count("[main] reuse") == 17 and "[main] run " not in again.stdout
+    after = client.search_runs([exp], "", max_results=1000)
+    assert len(after) == before + 3  # the killed workflow and step, and the new workflow run itself
 
 
 def test_a_failing_step_names_its_log_and_shows_its_last_lines(workflow):
@@ -228,4 +279,38 @@ def _in_the_browser(url: str, chromium: str, client: MlflowClient, exp: str, rep
         page.goto(f"{url}/#/experiments/{exp}/runs/{report_id}/artifacts/{keys.TABLE1}.md")
         page.get_by_text("ConvNeXt-Atto-shaped [demo, scratch] (real)").first.wait_for(timeout=60_000)
         page.screenshot(path=str(shots / "mlflow_ui_table1.png"), full_page=True)
+        # a fresh page: the comparison's grouping is not carried into the runs table below
+        _fold_models(browser.new_page(viewport={"width": 2600, "height": 900}), url, client, exp, shots)
         browser.close()
+
+
+def _fold_models(page, url: str, client: MlflowClient, exp: str, shots: Path) -> None:
+    """Each fold run's best checkpoint is its MLflow LoggedModel: with a train_cv row expanded in the
+    runs table, each fold run shows its model (fold<k>) in the "Models" column and its validation split
+    in "Dataset" (screenshot mlflow_ui_fold_models.png); the fold run's page lists the model under
+    "Logged models"; the model's page shows the best validation metrics against that split
+    (mlflow_ui_fold_model.png)."""
+    row = f"tags.step = '{keys.TRAIN_CV}' and tags.backbone = 'convnext' and tags.regime = 'real_only'"
+    folds = {int(r.data.tags[keys.FOLD]): r for r in client.search_runs([exp], row) if keys.FOLD in r.data.tags}
+    assert sorted(folds) == [1, 2, 3]  # the profile's 3-fold CV
+    models = {k: client.get_logged_model(r.outputs.model_outputs[0].model_id) for k, r in folds.items()}
+    split = {m.key: m.dataset_name for m in models[1].metrics}[keys.BEST_VAL_AUROC]
+    assert split.endswith(f"fold 1 {keys.VALIDATION}")
+    page.goto(f"{url}/#/experiments/{exp}/runs?" + urllib.parse.urlencode({"searchFilter": row}))
+    parent = page.locator("[role=row]", has=page.get_by_role("link", name="convnext / real_only", exact=True)).first
+    parent.wait_for(timeout=60_000)
+    parent.locator("button[data-component-id*=runnamecellrenderer]").click()  # expand: its fold runs
+    for k, model in models.items():
+        link = page.locator(f'[role=gridcell] a[href*="/models/{model.model_id}"]').first
+        link.wait_for(timeout=60_000)
+        assert link.inner_text().strip() == keys.fold_model(k) == model.name
+    page.get_by_text(split).first.wait_for(timeout=60_000)  # the Dataset column
+    page.screenshot(path=str(shots / "mlflow_ui_fold_models.png"), full_page=True)
+    page.goto(f"{url}/#/experiments/{exp}/runs/{folds[1].info.run_id}")
+    page.locator(f'a[href*="/models/{models[1].model_id}"]', has_text=keys.fold_model(1)).first.wait_for(timeout=60_000)
+    assert page.get_by_text(re.compile(r"^Logged models")).count() >= 1
+    page.goto(f"{url}/#/experiments/{exp}/models/{models[1].model_id}")
+    page.get_by_text(keys.BEST_VAL_AUROC, exact=True).first.wait_for(timeout=60_000)
+    text = " ".join(page.inner_text("body").split())
+    assert keys.BEST_VAL_BA in text and split in text and "Ready" in text
+    page.screenshot(path=str(shots / "mlflow_ui_fold_model.png"), full_page=True)
