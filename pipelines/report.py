@@ -283,18 +283,23 @@ def submission_section(rows: list[TrainRow], evals: dict[str, EvalRun] | None, t
         except (SelectionError, OSError, RuntimeError, ValueError) as e:
             report.skip("Submission", [f"the ensemble of {selection.row.name} was not registered: {e}"])
         else:
-            version = done.version
-            chosen["registered"] = {"name": version.name, "version": version.version, "new": done.new}
-            uri = f"models:/{version.name}/{version.version}"
-            said = (f"registered {uri} (alias {keys.SUBMISSION_ALIAS}): {done.why}" if done.new else
-                    f"no new version: {uri} (alias {keys.SUBMISSION_ALIAS}) kept, {done.why}")
-            print(f"submission: {said}", flush=True)
-            text += f"\n\n{said[0].upper()}{said[1:]}; `models:/{version.name}@{keys.SUBMISSION_ALIAS}` loads it."
+            text += said_registered(done, chosen)
     if ens is not None:
         text += (f"\n\n{ens.name}: {select_by} " + (f"{ens_value * 100:.2f}%, not higher" if ens_value is not None
                                                      else "not available") + "; not selected.")
     report.section("Submission", text)
     return chosen
+
+
+def said_registered(done, chosen: dict) -> str:
+    """One console line on what registration did (a new version, or the alias's kept); the report's sentence."""
+    version = done.version
+    chosen["registered"] = {"name": version.name, "version": version.version, "new": done.new}
+    uri = f"models:/{version.name}/{version.version}"
+    said = (f"registered {uri} (alias {keys.SUBMISSION_ALIAS}): {done.why}" if done.new else
+            f"no new version: {uri} (alias {keys.SUBMISSION_ALIAS}) kept, {done.why}")
+    print(f"submission: {said}", flush=True)
+    return f"\n\n{said[0].upper()}{said[1:]}; `models:/{version.name}@{keys.SUBMISSION_ALIAS}` loads it."
 
 
 def ensemble_submission(ens: EnsembleChoice, value: float, n_candidates: int, test_set: str | None, select_by: str,
@@ -315,13 +320,7 @@ def ensemble_submission(ens: EnsembleChoice, value: float, n_candidates: int, te
         except (SelectionError, OSError, RuntimeError, ValueError) as e:
             report.skip("Submission", [f"the ensemble of rows was not registered: {e}"])
         else:
-            version = done.version
-            chosen["registered"] = {"name": version.name, "version": version.version, "new": done.new}
-            uri = f"models:/{version.name}/{version.version}"
-            said = (f"registered {uri} (alias {keys.SUBMISSION_ALIAS}): {done.why}" if done.new else
-                    f"no new version: {uri} (alias {keys.SUBMISSION_ALIAS}) kept, {done.why}")
-            print(f"submission: {said}", flush=True)
-            text += f"\n\n{said[0].upper()}{said[1:]}; `models:/{version.name}@{keys.SUBMISSION_ALIAS}` loads it."
+            text += said_registered(done, chosen)
     report.section("Submission", text)
     return chosen
 
