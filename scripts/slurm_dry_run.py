@@ -80,6 +80,7 @@ def dry_run(out: Path, main_argv: list[str], tracking_uri: str, work: Path) -> l
     """main with `main_argv` plus `--executor slurm`, the scripts written to `out`; returns them in order."""
     import mlflow
 
+    from analysis import keys
     from data_tools.ingest import ingest
     from pipelines import main as workflow
     given = {a.lstrip("-") for a in main_argv if a.startswith("--")}
@@ -96,6 +97,7 @@ def dry_run(out: Path, main_argv: list[str], tracking_uri: str, work: Path) -> l
     before, uri = dict(os.environ), mlflow.get_tracking_uri()
     os.environ.update(PATH=f"{work / 'bin'}{os.pathsep}{os.environ['PATH']}", MLFLOW_TRACKING_URI=tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or keys.DEFAULT_EXPERIMENT)  # not an earlier id
     try:
         workflow.main([*main_argv, *extra, "--executor", "slurm", "--wait", "false"])
     finally:
