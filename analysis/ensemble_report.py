@@ -59,7 +59,7 @@ class RowsEnsemble:
 
 def member_thresholds(row: TrainRow, oof: pd.DataFrame) -> tuple[dict[int, float], str]:
     """({k: t_k}, where from): the newest fold_ba evaluate run's, else computed from the OOF predictions."""
-    ev = runs.latest_fold_ba_run(row.run_id)
+    ev = runs.latest_evaluate_run(row.run_id, threshold="fold_ba")
     found = runs.run_fold_thresholds(ev) if ev is not None else None
     if found and set(found) == set(oof["fold"].astype(int)):
         return found, f"evaluate run {ev.info.run_id[:8]} (fold_ba)"

@@ -268,19 +268,15 @@ def run_fold_thresholds(run: Run) -> dict[int, float] | None:
     return keys.fold_values(run.data.metrics, keys.FOLD_THRESHOLD) or None
 
 
-def latest_evaluate_run(train_run_id: str) -> Run | None:
-    """The newest finished evaluate run of a train_cv run (its threshold rule is the model's), if any."""
+def latest_evaluate_run(train_run_id: str, threshold: str | None = None) -> Run | None:
+    """The newest finished evaluate run of a train_cv run (its threshold rule is the model's), if any;
+    `threshold`: only runs with that rule (e.g. fold_ba, whose fold thresholds an ensemble needs)."""
     client = MlflowClient()
     exp = client.get_run(train_run_id).info.experiment_id
-    return latest_run(client, [exp], keys.EVALUATE, f"params.{keys.P_TRAIN_RUN_ID} = '{train_run_id}'")
-
-
-def latest_fold_ba_run(train_run_id: str) -> Run | None:
-    """The newest finished evaluate run of a train_cv run with threshold=fold_ba (its fold thresholds), if any."""
-    client = MlflowClient()
-    exp = client.get_run(train_run_id).info.experiment_id
-    return latest_run(client, [exp], keys.EVALUATE, f"params.{keys.P_TRAIN_RUN_ID} = '{train_run_id}' and "
-                                                    f"params.{keys.P_THRESHOLD} = 'fold_ba'")
+    query = f"params.{keys.P_TRAIN_RUN_ID} = '{train_run_id}'"
+    if threshold:
+        query += f" and params.{keys.P_THRESHOLD} = '{threshold}'"
+    return latest_run(client, [exp], keys.EVALUATE, query)
 
 
 def is_fold_run(run: Run) -> bool:

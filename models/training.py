@@ -233,17 +233,17 @@ def epoch_length(n: int, batch_size: int) -> int:
     return n - 1 if n > 1 and n % batch_size == 1 else n
 
 
-def _train_epoch(model, opt, sched, scaler: torch.amp.GradScaler, pool: CropPool, spec: BackboneSpec,
-                 cfg: TrainConfig, device: torch.device, k: int, epoch: int, weights: torch.Tensor | None) -> float:
-    """One epoch; `weights`: per-crop loss weights of the pool (domain_focal), else None; `scaler`:
-    fp16's loss scaling (disabled, a pass-through, for fp32 and bf16)."""
+def _train_epoch(model, opt, sched, precision: Precision, scaler: torch.amp.GradScaler, pool: CropPool,
+                 spec: BackboneSpec, cfg: TrainConfig, device: torch.device, k: int, epoch: int,
+                 weights: torch.Tensor | None) -> float:
+    """One epoch; `weights`: per-crop loss weights of the pool (domain_focal), else None; `precision`:
+    the fold's (chosen once in train_fold); `scaler`: fp16's loss scaling (a pass-through for fp32, bf16)."""
     train_mode(model, cfg.finetune_spec())
     aug = preset(cfg.augment)
     order = epoch_order(cfg.sampler, pool.labels, np.random.default_rng([cfg.seed, k, epoch]))
     order = order[:epoch_length(len(order), cfg.batch_size)]
     gen = torch.Generator().manual_seed(_derived_seed(cfg.seed, k, epoch, 1))
     cuda = device.type == "cuda"
-    precision = cfg.precision_on(device)
     total = torch.zeros((), device=device)
     n_batches = math.ceil(len(order) / cfg.batch_size)
 
@@ -324,7 +324,8 @@ def train_fold(cfg: TrainConfig, store: Store, k: int, synthetic: Store | None =
     for epoch in range(start, cfg.epochs + 1):
         lr = opt.param_groups[0]["lr"]
         t0 = time.perf_counter()
-        train_loss = _train_epoch(forward, opt, sched, scaler, train_pool, spec, cfg, device, k, epoch, weights)
+        train_loss = _train_epoch(forward, opt, sched, precision, scaler, train_pool, spec, cfg, device, k, epoch,
+                                  weights)
         probs, val_loss = predict_pool(forward, spec, val_pool, device, cfg.EVAL_BATCH_SIZE, precision)
         m = binary_metrics(val_y, probs, 0.5)
         metrics = EpochMetrics(train_loss, val_loss, m["auroc"], m["ba"], lr)
