@@ -125,11 +125,24 @@ class TrialSeededTPE(optuna.samplers.BaseSampler):
         return optuna.samplers.TPESampler(seed=seed).sample_independent(study, trial, name, distribution)
 
 
+def trial_run_ids(trial: FrozenTrial) -> list[str]:
+    """The trial's MLflow run: its user attribute names it, unless the worker died between starting
+    the run and recording it; then the RUNNING trial run of that process (host, pid, start time)."""
+    if trial.user_attrs.get(keys.TRIAL_RUN_ID):
+        return [trial.user_attrs[keys.TRIAL_RUN_ID]]
+    where = {k: trial.user_attrs.get(k) for k in (keys.HOST, keys.PID, keys.PROCESS_START)}
+    if not all(where.values()):
+        return []
+    query = " and ".join([f"tags.`{keys.STEP}` = '{keys.TUNE}'", f"tags.`{keys.TRIAL}` = '{trial.number}'",
+                          "attributes.status = 'RUNNING'", *(f"tags.`{k}` = '{v}'" for k, v in where.items())])
+    return [r.info.run_id for r in mlflow.search_runs(search_all_experiments=True, filter_string=query,
+                                                      output_format="list")]
+
+
 def end_trial_run(trial: FrozenTrial, state: str = "FAILED") -> None:
-    """End a dead trial's MLflow run (its user attribute names it) as FAILED."""
-    run_id = trial.user_attrs.get(keys.TRIAL_RUN_ID)
-    if run_id:
-        client = MlflowClient()
+    """End a dead trial's MLflow run as FAILED."""
+    client = MlflowClient()
+    for run_id in trial_run_ids(trial):
         client.set_tag(run_id, keys.TRIAL_STATE, "FAIL")
         client.set_terminated(run_id, state)
 
@@ -217,12 +230,13 @@ def objective(trial: optuna.Trial, cfg: TuneConfig, store: Store, study_run_id: 
     train_cfg = trial_config(cfg, {d.name: d.suggest(trial) for d in cfg.dimensions})
     folds = select_folds(train_cfg.folds, store.folds)
     scores: list[float] = []
+    for name, value in process_tags().items():  # first: a worker killed from here on is found by its trial
+        trial.set_user_attr(name, value)
     with mlflow.start_run(run_name=f"trial {trial.number}", nested=True, parent_run_id=study_run_id,
                           log_system_metrics=True,
                           tags={keys.STEP: keys.TUNE, keys.PROFILE: cfg.profile, keys.TRIAL: str(trial.number),
                                 **process_tags()}) as run:
-        for name, value in {**process_tags(), keys.TRIAL_RUN_ID: run.info.run_id}.items():
-            trial.set_user_attr(name, value)
+        trial.set_user_attr(keys.TRIAL_RUN_ID, run.info.run_id)
         log_params({**as_params(train_cfg), **parent_params(train_cfg, store), keys.P_FOLDS: ",".join(map(str, folds))})
         try:
             for i, k in enumerate(folds):

@@ -152,15 +152,26 @@ def test_a_study_refuses_other_settings_and_recovers_dead_trials(tracking, tiny_
     MlflowClient().update_run(run.info.run_id, status="RUNNING")
     for name, value in {**process_tags(), keys.PROCESS_START: "1.00", keys.TRIAL_RUN_ID: run.info.run_id}.items():
         trial.set_user_attr(name, value)
+    # killed between starting its run and recording the run's id: found by its tags
+    unnamed = study.ask()
+    dead_process = {**process_tags(), keys.PROCESS_START: "2.00"}
+    for name, value in dead_process.items():
+        unnamed.set_user_attr(name, value)
+    with mlflow.start_run(tags={keys.STEP: keys.TUNE, keys.TRIAL: str(unnamed.number), **dead_process}) as lost:
+        pass
+    MlflowClient().update_run(lost.info.run_id, status="RUNNING")
     alive = study.ask()  # one of this very process: still running, left alone
     for name, value in process_tags().items():
         alive.set_user_attr(name, value)
     tune.recover_dead_trials(study)
-    assert study.trials[trial.number].state == TrialState.FAIL
+    assert study.trials[trial.number].state == study.trials[unnamed.number].state == TrialState.FAIL
     assert study.trials[alive.number].state == TrialState.RUNNING
     assert MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
-    [again] = [t for t in study.get_trials(states=(TrialState.WAITING,)) if tune.RETRY_OF in t.user_attrs]
-    assert again.system_attrs["fixed_params"] == study.trials[trial.number].params
+    assert MlflowClient().get_run(lost.info.run_id).info.status == "FAILED"
+    again = {t.user_attrs[tune.RETRY_OF]: t for t in study.get_trials(states=(TrialState.WAITING,))
+             if tune.RETRY_OF in t.user_attrs}
+    assert again[trial.number].system_attrs["fixed_params"] == study.trials[trial.number].params
+    assert set(again) == {trial.number, unnamed.number}
     assert "were left RUNNING by workers that are gone" in capsys.readouterr().out
 
 
