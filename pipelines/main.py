@@ -147,6 +147,8 @@ class MainConfig(StepConfig):
                       "pool from prepare_data source=sliderunner|midogpp)")
     stores: str = param("folder for the stores the workflow writes")
     backbones: str = param("comma-separated backbones, one train_cv row per backbone and regime")
+    regimes: str = param("comma-separated regimes trained for each backbone: real_only,synth_balanced (the paper's "
+                         "comparison) or real_only alone (no generator: a baseline first)")
     jobs: str = param("steps run side by side when they do not depend on each other: auto (one per GPU of "
                       "`devices`; on a CPU 2) or a number", identity=False)
     devices: str = param("GPUs the steps side by side are placed on, round-robin: auto (every visible GPU) or a "
@@ -162,6 +164,19 @@ class MainConfig(StepConfig):
     test_size: int = param("demo: crops of the held-out test store")
 
     STEP = keys.MAIN
+
+    def __post_init__(self) -> None:
+        if not self.regime_list or set(self.regimes.split(",")) - set(keys.REGIMES):
+            raise ConfigError(f"regimes={self.regimes!r}: give one or more of {','.join(keys.REGIMES)}")
+
+    @property
+    def regime_list(self) -> list[str]:
+        return [r for r in keys.REGIMES if r in self.regimes.split(",")] if self.regimes else []
+
+    @property
+    def synthetic(self) -> bool:
+        """Whether the generator chain runs (a synth_balanced row needs it)."""
+        return keys.SYNTH_BALANCED in self.regime_list
 
 
 CONFIG = MainConfig
@@ -184,7 +199,7 @@ def prepare_stores(flow: Workflow, pool: ThreadPoolExecutor, cfg: MainConfig) ->
         test_data = str(path)
         todo.append(pool.submit(flow.step, keys.PREPARE_DATA, label="prepare_data demo_test", out=test_data,
                                 overwrite="true", **params))
-    if not gen_pool and demo:  # pretraining never sees the CV pool: a pool of its own
+    if not gen_pool and demo and cfg.synthetic:  # pretraining never sees the CV pool: a pool of its own
         path, params = demo["pool"]
         gen_pool = str(path)
         todo.append(pool.submit(flow.step, keys.PREPARE_DATA, label="prepare_data demo_pool", out=gen_pool,
@@ -198,6 +213,8 @@ def outside_pool(cfg: MainConfig) -> str:
     """The generator's pretraining pool when main does not build it (given, or the profile's), checked
     before any step runs; "" when the demo builds one."""
     prep = build(PrepareDataConfig, cfg.profile, source=cfg.source, root=cfg.root)
+    if not cfg.synthetic:
+        return ""
     pool = cfg.pool or ("" if prep.source == DEMO else build(GeneratorPretrainConfig, cfg.profile).data)
     if pool and not Path(pool).joinpath("manifest.json").is_file():
         raise SystemExit(f"no generator pretraining pool at {pool!r}: build one first, e.g. "
@@ -252,10 +269,10 @@ def classifier(flow: Workflow, data: str, test_data: str, backbone: str, regime:
 def planned_steps(cfg: MainConfig) -> int:
     """How many steps the workflow runs (or reuses): stores, generator chain, rows, evaluations, report."""
     demo = build(PrepareDataConfig, cfg.profile, source=cfg.source, root=cfg.root).source == "demo"
-    rows = 2 * len(cfg.backbones.split(","))
-    stores = (not cfg.data) + (demo and not cfg.test_data) + (demo and not cfg.pool)
+    rows = len(cfg.regime_list) * len(cfg.backbones.split(","))
+    stores = (not cfg.data) + (demo and not cfg.test_data) + (demo and cfg.synthetic and not cfg.pool)
     tunes = len(cfg.backbones.split(",")) if cfg.tune_first else 0
-    return stores + 3 + tunes + rows + (rows if cfg.test_data or demo else 0) + 1
+    return stores + 3 * cfg.synthetic + tunes + rows + (rows if cfg.test_data or demo else 0) + 1
 
 
 def comparison_url(ui: str, experiment_id: str) -> str:
@@ -300,15 +317,15 @@ def main(argv: list[str] | None = None) -> str:
             try:
                 data, test_data, gen_pool = prepare_stores(flow, pool, cfg)
                 # the generator chain is the longest path: it goes first, real-only training beside it
-                synth = pool.submit(generator, flow, gen_pool, data)
+                synth = pool.submit(generator, flow, gen_pool, data) if cfg.synthetic else None
                 backbones = cfg.backbones.split(",")
                 studies = {b: pool.submit(flow.step, keys.TUNE, data=data, label=f"tune {b}", backbone=b)
                            for b in backbones if cfg.tune_first}
                 studies = {b: studies[b].result() if b in studies else "" for b in backbones}
                 arms = [pool.submit(classifier, flow, data, test_data, b, keys.REAL_ONLY, study=studies[b])
-                        for b in backbones]
+                        for b in backbones if keys.REAL_ONLY in cfg.regime_list]
                 arms += [pool.submit(classifier, flow, data, test_data, b, keys.SYNTH_BALANCED, synth.result(),
-                                     studies[b]) for b in backbones]
+                                     studies[b]) for b in backbones if synth]
                 for arm in arms:
                     arm.result()
             except BaseException:  # a failed step: what has not started never starts; running steps finish

@@ -31,7 +31,8 @@ _RECIPE = {"finetune": "full", "lora_rank": 8, "lora_alpha": 16.0, "lora_dropout
            "lora_targets": "qkv,proj,fc1,fc2", "loss": "bce", "focal_gamma": 2.0, "pos_weight": None,
            "sampler": "shuffle", "stain_norm": "none", "compile": False, "precision": "auto"}
 _MAIN = {"data": "", "source": "", "root": "", "test_data": "", "pool": "", "stores": "stores",
-         "backbones": "convnext,lunit", "tune_first": False, "devices": "auto", "executor": "process", "wait": False}
+         "backbones": "convnext,lunit", "regimes": ",".join(keys.REGIMES), "tune_first": False, "devices": "auto",
+         "executor": "process", "wait": False}
 # main -P executor=slurm: where the jobs go and what each asks for (pipelines/slurm.py); fill in partition/account
 _SLURM = {"partition": "", "account": "", "extra": "", "setup": "", "folder": "logs/slurm"}
 

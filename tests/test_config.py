@@ -126,3 +126,16 @@ def test_a_value_outside_a_fields_choices_is_an_error(capsys):
     with pytest.raises(SystemExit):
         from_cli(TrainCVConfig, ["--regime", "synth"])
     assert "regime must be one of real_only, synth_balanced; got 'synth'" in capsys.readouterr().err
+
+
+def test_main_regimes_choose_the_rows_and_whether_the_generator_runs(capsys):
+    """regimes=real_only: one row per backbone and no generator chain (nor its demo pool) in the plan."""
+    from pipelines.main import MainConfig, planned_steps
+    both = build(MainConfig, "demo")
+    alone = build(MainConfig, "demo", regimes="real_only")
+    assert both.synthetic and not alone.synthetic and alone.regime_list == [keys.REAL_ONLY]
+    # demo: 3 stores + 3 generator steps + 4 rows + 4 evaluations + report; real-only: 2 stores + 2 + 2 + report
+    assert (planned_steps(both), planned_steps(alone)) == (15, 7)
+    with pytest.raises(SystemExit):
+        from_cli(MainConfig, ["--regimes", "real_only,synth"])
+    assert "regimes='real_only,synth': give one or more of real_only,synth_balanced" in capsys.readouterr().err

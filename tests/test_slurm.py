@@ -24,14 +24,11 @@ from pipelines.slurm import SlurmConfig, sbatch_options
 from pipelines.train_cv import TrainCVConfig, run_train_cv
 
 ROOT = Path(__file__).resolve().parents[1]
-# one backbone, 2 folds of 200 crops, 1 epoch, a generator trained for one epoch on 60 crops; the stores are
-# given (made here: prepare_data's edges are in the sbatch test), so every job is on the graph's longest path
+# two real-only rows (the generator chain's edges are in the sbatch test), 2 folds of 200 crops, 1 epoch; the
+# stores are given (prepare_data's edges are in the sbatch test too): array jobs, their summaries, evaluate, report
 TINY = """
 base: demo
-main: {{backbones: convnext, jobs: 3, executor: local}}
-generator_pretrain: {{vae_epochs: 1, dit_epochs: 1, work_dir: {tmp}/generator}}
-generator_finetune: {{dit_epochs: 1, work_dir: {tmp}/generator}}
-synthesize: {{n_atypical: 8, steps: 2, quality_max: 8, out: {tmp}/synthetic}}
+main: {{backbones: "convnext,lunit", regimes: real_only, jobs: 3, executor: local}}
 train_cv: {{epochs: 1, workroot: {tmp}/work}}
 evaluate: {{n_boot: 20}}
 report: {{n_boot: 20}}
@@ -43,9 +40,9 @@ def _step_runs(client, exp, workflow_id):
     return client.search_runs([exp], f"tags.`{keys.WORKFLOW_RUN}` = '{workflow_id}'", max_results=100)
 
 
-def _kill_when_running(client, exp, regime, fold, killed, stop):
-    """SIGKILL the process of train_cv's fold `fold` of `regime` once its fold run is RUNNING (a preempted job)."""
-    query = (f"tags.step = '{keys.TRAIN_CV}' and tags.regime = '{regime}' and tags.fold = '{fold}' "
+def _kill_when_running(client, exp, backbone, fold, killed, stop):
+    """SIGKILL the process of train_cv's fold `fold` of `backbone` once its fold run is RUNNING (a preempted job)."""
+    query = (f"tags.step = '{keys.TRAIN_CV}' and tags.`{keys.BACKBONE}` = '{backbone}' and tags.fold = '{fold}' "
              f"and attributes.status = 'RUNNING'")
     while not stop.is_set():
         for run in client.search_runs([exp], query):
@@ -57,17 +54,16 @@ def _kill_when_running(client, exp, regime, fold, killed, stop):
 
 @pytest.fixture(scope="module")
 def local_workflow(tmp_path_factory, empty_tracking_db):
-    """main executor=local, fold 2 of the real-only row killed while it trains; then main again."""
+    """main executor=local, fold 2 of the ConvNeXt row killed while it trains; then main again."""
     from pipelines import main as workflow
     tmp = tmp_path_factory.mktemp("slurm_local")
     profile = tmp / "tiny.yaml"
     profile.write_text(TINY.format(tmp=tmp))
     shutil.copyfile(empty_tracking_db, tmp / "mlflow.db")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    stores = {name: tmp / "stores" / name for name in ("demo", "demo_test", "demo_pool")}
+    stores = {name: tmp / "stores" / name for name in ("demo", "demo_test")}
     ingest("demo", None, stores["demo"], folds=2, seed=0, size=200)
-    for seed, name in ((1, "demo_test"), (2, "demo_pool")):
-        ingest("demo", None, stores[name], folds=0, seed=seed, size=60)
+    ingest("demo", None, stores["demo_test"], folds=0, seed=1, size=60)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.delenv("MLFLOW_RUN_ID", raising=False)
@@ -78,9 +74,9 @@ def local_workflow(tmp_path_factory, empty_tracking_db):
         exp = mlflow.set_experiment("workflow").experiment_id
         client = MlflowClient()
         argv = ["--profile", str(profile), "--stores", str(tmp / "stores"), "--data", str(stores["demo"]),
-                "--test_data", str(stores["demo_test"]), "--pool", str(stores["demo_pool"])]
+                "--test_data", str(stores["demo_test"])]
         killed, stop = [], threading.Event()
-        killer = threading.Thread(target=_kill_when_running, args=(client, exp, keys.REAL_ONLY, 2, killed, stop))
+        killer = threading.Thread(target=_kill_when_running, args=(client, exp, "convnext", 2, killed, stop))
         killer.start()
         started = time.time()
         try:
@@ -102,7 +98,7 @@ def local_workflow(tmp_path_factory, empty_tracking_db):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # the module fixture's two workflows: ~5 min on 2 idle cores, far more on busy ones
+@pytest.mark.timeout(1800)  # the module fixture's two workflows: ~3 min on 2 idle cores, far more on busy ones
 def test_a_killed_fold_job_fails_its_row_in_one_line_and_the_rest_of_the_workflow_runs(local_workflow):
     w = local_workflow
     client, exp = w["client"], w["exp"]
@@ -111,15 +107,16 @@ def test_a_killed_fold_job_fails_its_row_in_one_line_and_the_rest_of_the_workflo
                     w["failed"]), w["failed"]
     assert client.get_run(w["killed"][0]).info.status == "KILLED"  # not left RUNNING
     first = _step_runs(client, exp, w["first"])
-    rows = {r.data.params[keys.P_REGIME]: r.info.status for r in first if r.data.tags[keys.STEP] == keys.TRAIN_CV}
+    rows = {r.data.params[keys.P_BACKBONE]: r.info.status for r in first if r.data.tags[keys.STEP] == keys.TRAIN_CV}
     [report] = [r for r in first if r.data.tags[keys.STEP] == keys.REPORT]
     # what depends on the killed fold never ran; everything else did
-    assert rows == {keys.REAL_ONLY: "KILLED", keys.SYNTH_BALANCED: "FINISHED"} and report.info.status == "KILLED"
-    assert [r.info.status for r in first].count("FINISHED") == 5
+    assert rows == {"convnext": "KILLED", "lunit": "FINISHED"} and report.info.status == "KILLED"
+    assert sorted(r.data.tags[keys.STEP] for r in first if r.info.status == "FINISHED") == [keys.EVALUATE,
+                                                                                           keys.TRAIN_CV]
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # the module fixture's two workflows: ~5 min on 2 idle cores, far more on busy ones
+@pytest.mark.timeout(1800)  # the module fixture's two workflows: ~3 min on 2 idle cores, far more on busy ones
 def test_the_rerun_submits_only_the_killed_jobs_work(local_workflow):
     """Finished steps are reused (no new run); the killed row runs again, its finished fold is logged
     again from its work folder without training; its evaluation and the report follow."""
@@ -129,7 +126,7 @@ def test_the_rerun_submits_only_the_killed_jobs_work(local_workflow):
     assert sorted(r.data.tags[keys.STEP] for r in again) == [keys.EVALUATE, keys.REPORT, keys.TRAIN_CV]
     assert {r.info.status for r in again} == {"FINISHED"}
     [train] = [r for r in again if r.data.tags[keys.STEP] == keys.TRAIN_CV]
-    assert train.data.params[keys.P_REGIME] == keys.REAL_ONLY
+    assert (train.data.params[keys.P_BACKBONE], train.data.params[keys.P_REGIME]) == ("convnext", keys.REAL_ONLY)
     logs = {Path(a.path).name for a in client.list_artifacts(train.info.run_id, "logs")}
     assert {"train_cv_convnext-real_only-fold1.log", "train_cv_convnext-real_only-fold2.log"} <= logs
     fold_logs = {k: (w["tmp"] / "logs").glob(f"workflow-{w['second'][:8]}/train_cv_convnext-real_only-fold{k}.log")
@@ -139,7 +136,7 @@ def test_the_rerun_submits_only_the_killed_jobs_work(local_workflow):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # the module fixture's two workflows: ~5 min on 2 idle cores, far more on busy ones
+@pytest.mark.timeout(1800)  # the module fixture's two workflows: ~3 min on 2 idle cores, far more on busy ones
 def test_folds_run_as_an_array_under_the_one_parent_the_submitter_made(local_workflow):
     w = local_workflow
     client, exp = w["client"], w["exp"]
@@ -158,40 +155,36 @@ def test_folds_run_as_an_array_under_the_one_parent_the_submitter_made(local_wor
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # the module fixture's two workflows: ~5 min on 2 idle cores, far more on busy ones
+@pytest.mark.timeout(1800)  # the module fixture's two workflows: ~3 min on 2 idle cores, far more on busy ones
 def test_the_jobs_give_the_runs_and_metrics_of_the_in_process_path(local_workflow):
-    """Each step run has the params main passes locally (the run ids of the steps before it), started after
-    them; each train_cv row's fold metrics equal train_cv run in this process on the same store."""
+    """Each step run has the params main passes locally (the run id of the step before it), started after
+    it; each train_cv row's fold metrics equal train_cv run in this process on the same store."""
     w = local_workflow
     client, exp = w["client"], w["exp"]
     first = _step_runs(client, exp, w["first"])
     counts = {}
     for r in first:
         counts[r.data.tags[keys.STEP]] = counts.get(r.data.tags[keys.STEP], 0) + 1
-    assert counts == {keys.GENERATOR_PRETRAIN: 1, keys.GENERATOR_FINETUNE: 1, keys.SYNTHESIZE: 1, keys.TRAIN_CV: 2,
-                      keys.EVALUATE: 2, keys.REPORT: 1}
-    one = {r.data.tags[keys.STEP]: r for r in first}
-    pretrain, finetune, synth = one[keys.GENERATOR_PRETRAIN], one[keys.GENERATOR_FINETUNE], one[keys.SYNTHESIZE]
-    assert finetune.data.params["pretrain_run_id"] == pretrain.info.run_id
-    assert synth.data.params["finetune_run_id"] == finetune.info.run_id
-    began = lambda r: float(r.data.tags[keys.PROCESS_START])  # noqa: E731 - the step's own process
-    assert began(finetune) >= pretrain.info.end_time / 1000 and began(synth) >= finetune.info.end_time / 1000
-    rows = {r.data.params[keys.P_REGIME]: r for r in first + _step_runs(client, exp, w["second"])
+    assert counts == {keys.TRAIN_CV: 2, keys.EVALUATE: 1, keys.REPORT: 1}
+    rows = {r.data.params[keys.P_BACKBONE]: r for r in first + _step_runs(client, exp, w["second"])
             if r.data.tags[keys.STEP] == keys.TRAIN_CV and r.info.status == "FINISHED"}
-    assert rows[keys.SYNTH_BALANCED].data.params["synth_run_id"] == synth.info.run_id
+    [evaluate] = [r for r in first if r.data.tags[keys.STEP] == keys.EVALUATE]
+    assert evaluate.data.params["train_run_id"] == rows["lunit"].info.run_id
+    began = float(evaluate.data.tags[keys.PROCESS_START])  # the step's own process
+    assert began >= rows["lunit"].info.end_time / 1000
     mlflow.set_experiment("in-process")
-    for regime, row in rows.items():
-        cfg = build(TrainCVConfig, str(w["profile"]), data=row.data.params["data"], regime=regime,
-                    synth_run_id=row.data.params.get("synth_run_id", ""), workroot=str(w["tmp"] / "in_process"))
+    for backbone, row in rows.items():
+        cfg = build(TrainCVConfig, str(w["profile"]), data=row.data.params["data"], backbone=backbone,
+                    workroot=str(w["tmp"] / "in_process"))
         here = client.get_run(run_train_cv(cfg)).data.metrics
         for k in (1, 2):
             name = keys.fold_metric(k, "auroc")
-            assert row.data.metrics[name] == pytest.approx(here[name], abs=1e-6), (regime, k)
+            assert row.data.metrics[name] == pytest.approx(here[name], abs=1e-6), (backbone, k)
         assert row.data.metrics[keys.CV_AUROC_MEAN] == pytest.approx(here[keys.CV_AUROC_MEAN], abs=1e-6)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # the module fixture's two workflows: ~5 min on 2 idle cores, far more on busy ones
+@pytest.mark.timeout(1800)  # the module fixture's two workflows: ~3 min on 2 idle cores, far more on busy ones
 def test_sbatch_scripts_follow_the_workflow_graph(tmp_path, empty_tracking_db):
     """A Slurm submission of the paper profile (sbatch and srun stood in for, scripts/slurm_dry_run.py):
     every step a job with the profile's resources, after the jobs that make its inputs."""
