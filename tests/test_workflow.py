@@ -24,8 +24,8 @@ pytestmark = pytest.mark.slow  # main runs every step as a process (mlflow run),
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = """
 base: demo
-main: {pool_size: 200, test_size: 150, tune_first: true}
-prepare_data: {size: 300, folds: 3}  # 3-fold CV: the machinery, in less time
+main: {backbones: convnext, pool_size: 160, test_size: 120, tune_first: true}  # one backbone: both regimes
+prepare_data: {size: 240, folds: 3}  # 3-fold CV: the machinery, in less time
 generator_pretrain: {vae_epochs: 1, dit_epochs: 1}
 generator_finetune: {dit_epochs: 1}
 synthesize: {n_atypical: 24, steps: 4, quality_max: 24}
@@ -71,8 +71,8 @@ def test_main_runs_every_step_and_prints_a_readable_console(workflow):
     assert "Table 1" in out and "Table 2" in out and "mlflow ui" in out
     # piped to a file: whole lines only, no progress-bar frames, one start and one end line per step
     assert "\r" not in out and max(map(len, out.splitlines())) <= 300, max(out.splitlines(), key=len)
-    assert out.count(": started (log ") == 17
-    assert "[main] train_cv convnext/real_only: CV AUROC " in out and "[main] evaluate lunit/synth_balanced: test AUROC " in out
+    assert out.count(": started (log ") == 12
+    assert "[main] train_cv convnext/real_only: CV AUROC " in out and "[main] evaluate convnext/synth_balanced: test AUROC " in out
     client = MlflowClient(uri)
     exp = _experiment(client)
     [flow] = client.search_runs([exp], f"tags.step = '{keys.MAIN}'")
@@ -87,7 +87,7 @@ def test_main_runs_every_step_and_prints_a_readable_console(workflow):
     [pretrain] = [r for r in steps if r.data.tags[keys.STEP] == keys.GENERATOR_PRETRAIN]
     assert any(m.startswith("system/cpu_utilization") for m in pretrain.data.metrics)  # MLflow's system metrics
     assert counts == {keys.PREPARE_DATA: 3, keys.GENERATOR_PRETRAIN: 1, keys.GENERATOR_FINETUNE: 1,
-                      keys.SYNTHESIZE: 1, keys.TUNE: 2, keys.TRAIN_CV: 4, keys.EVALUATE: 4, keys.REPORT: 1}
+                      keys.SYNTHESIZE: 1, keys.TUNE: 1, keys.TRAIN_CV: 2, keys.EVALUATE: 2, keys.REPORT: 1}
     version = client.get_model_version_by_alias(keys.MODEL_NAME, keys.SUBMISSION_ALIAS)
     [report] = [r for r in steps if r.data.tags[keys.STEP] == keys.REPORT]
     assert version.tags["train_run_id"] == report.data.tags[keys.SELECTED_TRAIN_RUN]
@@ -118,9 +118,9 @@ def test_tune_first_trains_every_row_with_its_studys_best_trial(workflow):
     client = MlflowClient(uri)
     exp = _experiment(client)
     studies = {r.data.params[keys.P_BACKBONE]: r for r in client.search_runs([exp], f"tags.step = '{keys.TUNE}'")}
-    assert sorted(studies) == ["convnext", "lunit"]
+    assert sorted(studies) == ["convnext"]
     rows = [r for r in client.search_runs([exp], f"tags.step = '{keys.TRAIN_CV}'") if keys.FOLD not in r.data.tags]
-    assert len(rows) == 4
+    assert len(rows) == 2
     for r in rows:
         study = studies[r.data.params[keys.P_BACKBONE]]
         best = json.loads(study.data.tags[keys.BEST_PARAMS])
@@ -158,7 +158,7 @@ def test_a_killed_workflow_leaves_no_run_running_and_the_next_reuses_every_finis
     assert again.returncode == 0, again.stderr[-3000:]
     assert "main: ended 2 run(s) left RUNNING by processes of this host that are gone, as KILLED" in again.stdout
     assert {client.get_run(r).info.status for r in dead} == {"KILLED"}
-    assert again.stdout.count("[main] reuse") == 17 and "[main] run " not in again.stdout
+    assert again.stdout.count("[main] reuse") == 12 and "[main] run " not in again.stdout
     after = client.search_runs([exp], "", max_results=1000)
     assert len(after) == before + 3  # the killed workflow and step, and the new workflow run itself
 
@@ -244,7 +244,7 @@ def test_mlflow_ui_shows_every_row_and_in_a_real_browser_the_regime_comparison(w
     shots.mkdir(exist_ok=True)
     with mlflow_server(uri, tmp / "unused", ui=True) as url:
         rows = _rows_over_rest(url, exp)
-        assert set(rows) == {(b, g) for b in ("convnext", "lunit") for g in keys.REGIMES}
+        assert set(rows) == {("convnext", g) for g in keys.REGIMES}
         assert all(0.0 <= m[keys.CV_AUROC_MEAN] <= 1.0 and keys.CV_BA_STD in m for m in rows.values())
         _in_the_browser(url, _chromium(), client, exp, report.info.run_id, shots)
 
@@ -257,7 +257,7 @@ def _in_the_browser(url: str, chromium: str, client: MlflowClient, exp: str, rep
         page.goto(url)
         page.get_by_text(keys.DEFAULT_EXPERIMENT).first.wait_for(timeout=60_000)  # the named experiment, not "Default"
         page.goto(comparison_url(url, exp))
-        for row in ("convnext / real_only", "convnext / synth_balanced", "lunit / real_only", "lunit / synth_balanced"):
+        for row in ("convnext / real_only", "convnext / synth_balanced"):
             page.get_by_text(f"evaluate {row} on demo_test").wait_for(timeout=60_000)
         page.locator("button", has_text=re.compile(r"^\s*Columns\s*$")).click()
         for name in (keys.CV_AUROC_MEAN, keys.CV_AUROC_STD, "test_ba"):
