@@ -32,17 +32,15 @@ from data_tools.params import param
 from data_tools.store import open_store
 from pipelines.children import thread_share
 from pipelines.common import cli_step, code_version, step_run
-from pipelines.config import StepConfig, build, from_cli
+from pipelines.config import StepConfig, build, config_class, from_cli
 from pipelines.console import Console
 from pipelines.demo_data import DEMO, demo_stores
-from pipelines.generator_pretrain import GeneratorPretrainConfig
 from pipelines.launch import LOGS_DIR, launch
 from pipelines.placement import Slots, gpus
 from pipelines.preflight import check_paths, check_tracking
 from pipelines.prepare_data import PrepareDataConfig
 from pipelines.slurm import SlurmConfig
 from pipelines.submission import EXECUTORS, PROCESS, SLURM, Submission
-from pipelines.train_cv import TrainCVConfig
 
 
 @dataclass
@@ -215,7 +213,7 @@ def outside_pool(cfg: MainConfig) -> str:
     prep = build(PrepareDataConfig, cfg.profile, source=cfg.source, root=cfg.root)
     if not cfg.synthetic:
         return ""
-    pool = cfg.pool or ("" if prep.source == DEMO else build(GeneratorPretrainConfig, cfg.profile).data)
+    pool = cfg.pool or ("" if prep.source == DEMO else build(config_class(keys.GENERATOR_PRETRAIN), cfg.profile).data)
     if pool and not Path(pool).joinpath("manifest.json").is_file():
         raise SystemExit(f"no generator pretraining pool at {pool!r}: build one first, e.g. "
                          f"mlflow run . -e prepare_data -P source=sliderunner -P root=<db.sqlite> -P out={pool}")
@@ -238,7 +236,7 @@ def submission(cfg: MainConfig, flow: Workflow, jobs: int, on: list[str], consol
     slurm.folder = str(Path(slurm.folder).resolve())
     prep = build(PrepareDataConfig, cfg.profile, source=cfg.source, root=cfg.root)
     return Submission(cfg.executor, slurm, flow.client, flow.experiment_id, flow.parent_run_id,
-                      build(TrainCVConfig, cfg.profile).folds, prep.folds, jobs=jobs, slots=Slots(on),
+                      build(config_class(keys.TRAIN_CV), cfg.profile).folds, prep.folds, jobs=jobs, slots=Slots(on),
                       threads=thread_share(jobs), say=console.line)
 
 

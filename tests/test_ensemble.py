@@ -25,6 +25,7 @@ from pipelines import predict, report
 from ensemble_rows import add_oof, complementary_oof, expected_probabilities, log_row, vit_checkpoints
 
 
+@pytest.mark.slow  # a model registered or trained end to end: ~5-10 s
 def test_the_greedy_ensemble_of_two_rows_is_a_row_and_the_submission(tracking, tiny_train_run, tiny_checkpoints,
                                                                      tmp_path):
     oof_a, oof_b = complementary_oof(seed=1)

@@ -159,6 +159,7 @@ def test_missing_or_changed_base_weights_are_named(small_store, tiny_set, tmp_pa
         load_checkpoint(result.checkpoint)
 
 
+@pytest.mark.slow  # a model registered or trained end to end: ~5-10 s
 def test_lora_ensemble_predicts_through_predict_and_the_pyfunc(small_store, tiny_set, tracking, tmp_path):
     spec = shrunk("uni2")
     base = _base_file(spec, tmp_path / "uni2.safetensors")

@@ -32,6 +32,7 @@ def fid_weights(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # builds Inception and scores crops: ~4-6 s
 def test_given_the_fid_weights_inception_computes_the_fid_under_its_own_name(fid_weights):
     crops = make_demo(15, seed=3, size=32)[0]
     train, synthetic, unseen = crops[:6], crops[6:12], crops[12:]

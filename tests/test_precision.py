@@ -72,6 +72,7 @@ def test_inference_honours_the_precision_it_is_given():
     assert 0 < (fp32 - fp16).abs().max() < 0.05  # rounded to fp16, not another model
 
 
+@pytest.mark.slow  # a model registered or trained end to end: ~5-10 s
 def test_a_fold_trains_in_fp16_with_the_scaler_and_its_run_says_so(tmp_path, tracking):
     store, _ = ingest("demo", None, tmp_path / "demo40", folds=2, seed=0, size=40)
     cfg = build(TrainCVConfig, "demo", data=str(store.path), backbone="lunit", folds="1", epochs=1, batch_size=8,

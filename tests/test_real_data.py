@@ -106,6 +106,7 @@ def test_real_sliderunner_schema_is_read(tmp_path):
     assert (np.asarray(store.images)[:, 60:68, 60:68] == 230).all()
 
 
+@pytest.mark.slow  # parses the whole MIDOG++ annotation file: ~8 s
 def test_real_midogpp_annotations_carry_midog25_labels(tmp_path):
     json_path = shared_data("midogpp", "MIDOG++.json")
     csv = shared_data("midog25", "MIDOG25.csv")

@@ -213,6 +213,7 @@ def test_statistics_match_scipy_and_sklearn():
     assert delong.p_value == pytest.approx(2 * stats.norm.sf(abs(delong.delta) / se))
 
 
+@pytest.mark.slow  # a model registered or trained end to end: ~5-10 s
 def test_missing_pieces_are_reported_not_fatal(tracking, capsys):
     complete = log_train(("convnext", "real_only"), PAPER_T1[("convnext", "real_only")])  # no OOF predictions
     log_train(("convnext", "synth_balanced"), PAPER_T1[("convnext", "synth_balanced")], skip_fold=3)
@@ -249,6 +250,7 @@ def test_rows_are_named_for_what_trained():
     assert row_label("lunit", "real_only", recipe={"pretrained": "/w/lunit.pth"}) == "Lunit SSL [weights lunit.pth] (real)"
 
 
+@pytest.mark.slow  # a model registered or trained end to end: ~5-10 s
 def test_a_second_report_with_nothing_changed_registers_no_new_version(tiny_train_run, capsys):
     """The registered version describes itself; report registers again only when the selection
     (members, threshold rule, TTA) differs from the alias's version, and says which it did."""

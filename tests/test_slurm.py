@@ -24,11 +24,11 @@ from pipelines.slurm import SlurmConfig, sbatch_options
 from pipelines.train_cv import TrainCVConfig, run_train_cv
 
 ROOT = Path(__file__).resolve().parents[1]
-# two real-only rows (the generator chain's edges are in the sbatch test), 2 folds of 200 crops, 1 epoch; the
-# stores are given (prepare_data's edges are in the sbatch test too): array jobs, their summaries, evaluate, report
+# one real-only row (the generator chain's edges are in the sbatch test), 2 folds of 200 crops, 1 epoch; the
+# stores are given (prepare_data's edges are in the sbatch test too): a fold array, its summary, evaluate, report
 TINY = """
 base: demo
-main: {{backbones: "convnext,lunit", regimes: real_only, jobs: 3, executor: local}}
+main: {{backbones: convnext, regimes: real_only, jobs: 3, executor: local}}
 train_cv: {{epochs: 1, workroot: {tmp}/work}}
 evaluate: {{n_boot: 20}}
 report: {{n_boot: 20}}
@@ -106,13 +106,12 @@ def test_a_killed_fold_job_fails_its_row_in_one_line_and_the_rest_of_the_workflo
     assert re.match(r"main: step train_cv convnext/real_only fold 2 failed \(run \w+, job \d+\); its log: .*fold2\.log$",
                     w["failed"]), w["failed"]
     assert client.get_run(w["killed"][0]).info.status == "KILLED"  # not left RUNNING
-    first = _step_runs(client, exp, w["first"])
-    rows = {r.data.params[keys.P_BACKBONE]: r.info.status for r in first if r.data.tags[keys.STEP] == keys.TRAIN_CV}
-    [report] = [r for r in first if r.data.tags[keys.STEP] == keys.REPORT]
-    # what depends on the killed fold never ran; everything else did
-    assert rows == {"convnext": "KILLED", "lunit": "FINISHED"} and report.info.status == "KILLED"
-    assert sorted(r.data.tags[keys.STEP] for r in first if r.info.status == "FINISHED") == [keys.EVALUATE,
-                                                                                           keys.TRAIN_CV]
+    # every job's run is made when it is queued: what depends on the killed fold never ran; fold 1 did
+    first = {r.data.tags[keys.STEP]: r for r in _step_runs(client, exp, w["first"])}
+    assert {step: r.info.status for step, r in first.items()} == {
+        keys.TRAIN_CV: "KILLED", keys.EVALUATE: "KILLED", keys.REPORT: "KILLED"}
+    folds = client.search_runs([exp], f"tags.`{keys.PARENT_RUN}` = '{first[keys.TRAIN_CV].info.run_id}'")
+    assert {f.data.tags[keys.FOLD]: f.info.status for f in folds} == {"1": "FINISHED", "2": "KILLED"}
 
 
 @pytest.mark.slow
@@ -140,47 +139,37 @@ def test_the_rerun_submits_only_the_killed_jobs_work(local_workflow):
 def test_folds_run_as_an_array_under_the_one_parent_the_submitter_made(local_workflow):
     w = local_workflow
     client, exp = w["client"], w["exp"]
-    for flow in (w["first"], w["second"]):
-        for parent in [r for r in _step_runs(client, exp, flow) if r.data.tags[keys.STEP] == keys.TRAIN_CV
-                       and r.info.status == "FINISHED"]:
-            folds = client.search_runs([exp], f"tags.`{keys.PARENT_RUN}` = '{parent.info.run_id}' "
-                                              f"and attributes.status = 'FINISHED'")
-            assert sorted(f.data.tags[keys.FOLD] for f in folds) == ["1", "2"]
-            pids = {f.data.tags[keys.PID] for f in folds} | {parent.data.tags[keys.PID]}
-            assert len(pids) == 3  # a process per fold task, another for the summary
-            assert {f.data.tags[keys.DEVICE] for f in folds} == {"cpu"}
-            assert parent.data.tags[keys.JOB_ID].isdigit()
-            assert parent.data.metrics[keys.CV_AUROC_MEAN] == pytest.approx(
-                sum(f.data.metrics[keys.BEST_VAL_AUROC] for f in folds) / 2)
+    [parent] = [r for flow in (w["first"], w["second"]) for r in _step_runs(client, exp, flow)
+                if r.data.tags[keys.STEP] == keys.TRAIN_CV and r.info.status == "FINISHED"]  # the rerun's row
+    folds = client.search_runs([exp], f"tags.`{keys.PARENT_RUN}` = '{parent.info.run_id}' "
+                                      f"and attributes.status = 'FINISHED'")
+    assert sorted(f.data.tags[keys.FOLD] for f in folds) == ["1", "2"]
+    pids = {f.data.tags[keys.PID] for f in folds} | {parent.data.tags[keys.PID]}
+    assert len(pids) == 3  # a process per fold task, another for the summary
+    assert {f.data.tags[keys.DEVICE] for f in folds} == {"cpu"}
+    assert parent.data.tags[keys.JOB_ID].isdigit()
+    assert parent.data.metrics[keys.CV_AUROC_MEAN] == pytest.approx(
+        sum(f.data.metrics[keys.BEST_VAL_AUROC] for f in folds) / 2)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # the module fixture's two workflows: ~3 min on 2 idle cores, far more on busy ones
 def test_the_jobs_give_the_runs_and_metrics_of_the_in_process_path(local_workflow):
     """Each step run has the params main passes locally (the run id of the step before it), started after
-    it; each train_cv row's fold metrics equal train_cv run in this process on the same store."""
+    it; the train_cv row's fold metrics equal train_cv run in this process on the same store."""
     w = local_workflow
     client, exp = w["client"], w["exp"]
-    first = _step_runs(client, exp, w["first"])
-    counts = {}
-    for r in first:
-        counts[r.data.tags[keys.STEP]] = counts.get(r.data.tags[keys.STEP], 0) + 1
-    assert counts == {keys.TRAIN_CV: 2, keys.EVALUATE: 2, keys.REPORT: 1}  # every job's run is made when it is queued
-    rows = {r.data.params[keys.P_BACKBONE]: r for r in first + _step_runs(client, exp, w["second"])
-            if r.data.tags[keys.STEP] == keys.TRAIN_CV and r.info.status == "FINISHED"}
-    [evaluate] = [r for r in first if r.data.tags[keys.STEP] == keys.EVALUATE and r.info.status == "FINISHED"]
-    assert evaluate.data.params["train_run_id"] == rows["lunit"].info.run_id
-    began = float(evaluate.data.tags[keys.PROCESS_START])  # the step's own process
-    assert began >= rows["lunit"].info.end_time / 1000
+    second = {r.data.tags[keys.STEP]: r for r in _step_runs(client, exp, w["second"])}
+    row, evaluate, report = second[keys.TRAIN_CV], second[keys.EVALUATE], second[keys.REPORT]
+    assert evaluate.data.params["train_run_id"] == row.info.run_id
+    began = lambda r: float(r.data.tags[keys.PROCESS_START])  # noqa: E731 - the step's own process
+    assert began(evaluate) >= row.info.end_time / 1000 and began(report) >= evaluate.info.end_time / 1000
     mlflow.set_experiment("in-process")
-    for backbone, row in rows.items():
-        cfg = build(TrainCVConfig, str(w["profile"]), data=row.data.params["data"], backbone=backbone,
-                    workroot=str(w["tmp"] / "in_process"))
-        here = client.get_run(run_train_cv(cfg)).data.metrics
-        for k in (1, 2):
-            name = keys.fold_metric(k, "auroc")
-            assert row.data.metrics[name] == pytest.approx(here[name], abs=1e-6), (backbone, k)
-        assert row.data.metrics[keys.CV_AUROC_MEAN] == pytest.approx(here[keys.CV_AUROC_MEAN], abs=1e-6)
+    cfg = build(TrainCVConfig, str(w["profile"]), data=row.data.params["data"], backbone="convnext",
+                workroot=str(w["tmp"] / "in_process"))
+    here = client.get_run(run_train_cv(cfg)).data.metrics
+    for name in (keys.fold_metric(1, "auroc"), keys.fold_metric(2, "auroc"), keys.CV_AUROC_MEAN):
+        assert row.data.metrics[name] == pytest.approx(here[name], abs=1e-6), name
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""generator_pretrain -> generator_finetune -> synthesize, each started by `mlflow run`, on
-32 px demo stores: fold isolation, the synthetic store contract, what lands in MLflow."""
+"""generator_pretrain -> generator_finetune (in this process) -> synthesize (started by `mlflow run`,
+from the finetune run's id), on 32 px demo stores: fold isolation, the synthetic store contract, what
+lands in MLflow."""
 from __future__ import annotations
 
 import subprocess
@@ -14,10 +15,15 @@ from analysis import keys
 from data_tools.constants import ATYPICAL, NORMAL
 from data_tools.provenance import LeakageError, check_synthetic_for_fold, fold_train_ids
 from data_tools.store import REQUIRED_COLUMNS, open_store
+from pipelines import generator_finetune, generator_pretrain
 from pipelines.generator_runs import check_pretraining
 from data_tools.folds import balance_count
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def argv(**params) -> list[str]:
+    return [a for k, v in params.items() for a in (f"--{k}", str(v))]
 
 
 def mlflow_run(entry: str, env: dict[str, str], **params) -> str:
@@ -43,15 +49,15 @@ def test_pretrain_finetune_synthesize_from_mlflow_run(tracking, thumb_stores, tm
     client = MlflowClient(tracking)
     fast = dict(batch_size=16, lr=2e-3, vae_crop=0, work_dir=tmp_path / "work")
 
-    pretrain = mlflow_run(keys.GENERATOR_PRETRAIN, env, data=pool.path, vae_epochs=2, dit_epochs=2, **fast)
+    pretrain = generator_pretrain.main(argv(data=pool.path, vae_epochs=2, dit_epochs=2, **fast))
     run = client.get_run(pretrain)
     assert run.data.tags[keys.STEP] == keys.GENERATOR_PRETRAIN and run.data.tags[keys.PROFILE] == "demo"
     assert run.data.tags[keys.DATASET_DIGEST] == pool.digest
     assert len(client.get_metric_history(pretrain, keys.VAE_LOSS)) == 2
     assert {keys.VAE_DIR, keys.DIT_DIR, keys.TRAIN_IDS} <= {a.path for a in client.list_artifacts(pretrain)}
 
-    finetune = mlflow_run(keys.GENERATOR_FINETUNE, env, data=real.path, pretrain_run_id=pretrain, folds="1,2",
-                          vae_epochs=1, dit_epochs=2, **fast)
+    finetune = generator_finetune.main(argv(data=real.path, pretrain_run_id=pretrain, folds="1,2", vae_epochs=1,
+                                            dit_epochs=2, **fast))
     exp = client.get_run(finetune).info.experiment_id
     children = {int(r.data.tags[keys.FOLD]): r for r in
                 client.search_runs([exp], f"tags.mlflow.parentRunId = '{finetune}'")}
