@@ -23,6 +23,7 @@ def test_bench_gpu_quick_prints_rates_and_projections(tmp_path, capsys):
     assert saved["predict"]["crops"] == 16 and saved["generator_finetune"]["dit"]["images_per_s"] > 0
 
 
+@pytest.mark.slow  # three modes of a model trained: ~3-4 s
 def test_bench_finetune_counts_what_each_mode_trains(capsys):
     import bench_finetune
     rows = {r["mode"]: r for r in bench_finetune.main(["--steps", "2", "--batch", "8", "--threads", "1"])}

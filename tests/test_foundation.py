@@ -200,6 +200,7 @@ def test_an_unreachable_gated_repository_is_an_error_that_says_what_to_do(monkey
         assert part in text, text
 
 
+@pytest.mark.slow  # a fold trained: ~3 s
 def test_the_leaderboard_recipe_trains_a_fold(small_store, tmp_path):
     """domain focal loss + class-balanced sampler + strong augmentation, on the demo ViT with LoRA."""
     cfg = build(TrainCVConfig, "demo", data=str(small_store.path), backbone="lunit", folds="1", epochs=1,
@@ -211,6 +212,7 @@ def test_the_leaderboard_recipe_trains_a_fold(small_store, tmp_path):
     assert result.history[0].train_loss != plain.history[0].train_loss  # the options reached the loop
 
 
+@pytest.mark.slow  # a fold trained: ~3 s
 def test_stain_normalisation_is_kept_with_the_model_and_applied_at_inference(small_store, tmp_path):
     cfg = build(TrainCVConfig, "demo", data=str(small_store.path), backbone="lunit", folds="1", epochs=1,
                 stain_norm="macenko", workroot=".work")

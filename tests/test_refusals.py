@@ -159,6 +159,7 @@ def _demo_args(out, *extra) -> list[str]:
     return ["--source", "demo", "--size", "60", "--folds", "0", "--out", str(out), *extra]
 
 
+@pytest.mark.slow  # three prepare_data runs: ~4-7 s
 def test_an_existing_store_is_replaced_only_when_asked_and_in_one_step(tmp_path, tracking):
     out = tmp_path / "stores" / "s"
     first = prepare_data.main(_demo_args(out, "--seed", "1"))
